@@ -1,0 +1,95 @@
+"""Tiny random-weight models of every supported architecture, written to disk the way a hub checkout looks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention stores keys and values in fixed-size blocks.",
+    "Continuous batching lets requests join and leave between steps.",
+    "你好，世界。今天天气很好。",
+    "0123456789 !?.,;:'\"()[]{}<>/\\|@#$%^&*-+=_~`",
+]
+
+
+def write_tokenizer(path: Path, vocab_size: int = 400) -> int:
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(
+        CORPUS * 20, vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    )
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "bos_token": None,
+                "pad_token": "<|endoftext|>",
+                "chat_template": CHAT_TEMPLATE,
+                "clean_up_tokenization_spaces": False,
+            }
+        )
+    )
+    return tok.get_vocab_size()
+
+
+def hf_config(arch: str, vocab: int, eos: int):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=eos,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    if arch == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(
+            **common,
+            head_dim=32,
+            sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            query_pre_attn_scalar=32,
+        )
+    raise ValueError(arch)
+
+
+def build_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
+    """Random weights saved as safetensors with a real (tiny) BPE tokenizer and a chat template."""
+    import transformers as tf
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(path)
+    eos = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"].get("<|im_end|>", 2)
+    torch.manual_seed(seed)
+    config = hf_config(arch, vocab, eos)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init is small; widen it so the logits are not all near-equal
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+            else:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,60 @@
+"""ForwardBatch: what one engine step asks of the model, as plain tensors (the model never sees requests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] long: the new tokens of every scheduled sequence, concatenated
+    positions: torch.Tensor  # [T] long: their absolute positions
+    slot_mapping: torch.Tensor  # [T] long: KV-cache slot each new token is written to
+    query_lens: torch.Tensor  # [B] long: new tokens per sequence
+    context_lens: torch.Tensor  # [B] long: tokens in the KV cache per sequence after this step
+    block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0
+    logits_indices: torch.Tensor  # [N] long: rows of the flat batch to project to the vocabulary
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds exactly one token (the shape hot loops live in)."""
+        return self.input_ids.shape[0] == self.query_lens.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        token_chunks: list[list[int]],
+        start_positions: list[int],
+        block_tables: list[list[int]],
+        logits_rows: list[list[int]],
+        block_size: int,
+    ) -> ForwardBatch:
+        """Lay out sequences flat. `logits_rows[i]` are offsets inside sequence i's chunk that need logits."""
+        query_lens = torch.tensor([len(c) for c in token_chunks], dtype=torch.long)
+        starts = torch.tensor(start_positions, dtype=torch.long)
+        seq_index = torch.repeat_interleave(torch.arange(len(token_chunks)), query_lens)
+        offsets = torch.cumsum(query_lens, 0) - query_lens
+        positions = starts[seq_index] + torch.arange(int(query_lens.sum())) - offsets[seq_index]
+        width = max(len(t) for t in block_tables) if block_tables else 1
+        tables = torch.zeros(len(block_tables), max(width, 1), dtype=torch.long)
+        for i, table in enumerate(block_tables):
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+        blocks = tables[seq_index, positions // block_size]
+        logits_indices = [int(offsets[i]) + r for i, rows in enumerate(logits_rows) for r in rows]
+        return cls(
+            input_ids=torch.tensor([t for c in token_chunks for t in c], dtype=torch.long),
+            positions=positions,
+            slot_mapping=blocks * block_size + positions % block_size,
+            query_lens=query_lens,
+            context_lens=starts + query_lens,
+            block_tables=tables,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+            block_size=block_size,
+        )

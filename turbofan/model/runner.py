@@ -1,0 +1,72 @@
+"""ModelRunner: owns the weights and the paged KV cache, turns a ForwardBatch into logits."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from turbofan.model.attention import AttentionMetadata
+from turbofan.model.batch import ForwardBatch
+from turbofan.model.layers import CausalLM
+from turbofan.model.loader import load_model
+
+log = logging.getLogger("turbofan.model")
+
+
+def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+    a = model.args
+    return a.num_layers * 2 * block_size * a.num_kv_heads * a.head_dim * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_bytes: int | None = None,
+    ):
+        t0 = time.perf_counter()
+        self.model = load_model(model_path, dtype=dtype, device=device)
+        self.load_seconds = time.perf_counter() - t0
+        self.args = self.model.args
+        self.dtype, self.device, self.block_size = dtype, device, block_size
+        per_block = kv_bytes_per_block(self.model, block_size, dtype)
+        if num_blocks is None:
+            num_blocks = max(int((kv_cache_bytes or 1 << 30) // per_block), 2)
+        self.num_blocks = num_blocks
+        a = self.args
+        self.kv_cache = torch.zeros(
+            a.num_layers, 2, num_blocks * block_size, a.num_kv_heads, a.head_dim, dtype=dtype, device=device
+        )
+        self.kv_cache_bytes = per_block * num_blocks
+        # The forward the runner calls; the tiering layer may swap in compiled versions per shape.
+        self.forward_fn: Callable[[ForwardBatch], torch.Tensor] = self.eager_forward
+
+    @torch.inference_mode()
+    def eager_forward(self, batch: ForwardBatch) -> torch.Tensor:
+        meta = AttentionMetadata.from_batch(batch)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, meta)
+        return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] in float32."""
+        return self.forward_fn(batch)
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole KV blocks (src -> dst) before a shared block is written."""
+        if not pairs:
+            return
+        bs = self.block_size
+        offs = torch.arange(bs)
+        src = torch.tensor([s for s, _ in pairs])[:, None] * bs + offs
+        dst = torch.tensor([d for _, d in pairs])[:, None] * bs + offs
+        self.kv_cache[:, :, dst.flatten()] = self.kv_cache[:, :, src.flatten()]
