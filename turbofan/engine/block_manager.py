@@ -1,0 +1,128 @@
+"""Paged KV-cache bookkeeping: fixed-size blocks, a free list, reference counts, a prefix cache, copy-on-write.
+
+Freed blocks keep their prefix hash and stay findable until the allocator reuses them (least recently freed
+first), so a prompt that repeats a recent prefix skips its prefill even after the first request has finished.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from turbofan.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # prefix hash -> block id
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0  # tokens found
+
+    # -- accounting ---------------------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    # -- prefix cache -------------------------------------------------------------------------------------------
+    def _chain(self, token_ids: list[int], num_blocks: int) -> list[int]:
+        hashes, parent = [], 0
+        bs = self.block_size
+        for i in range(num_blocks):
+            parent = hash((parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+            hashes.append(parent)
+        return hashes
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Point a fresh sequence at cached blocks of its longest cached prefix; returns tokens reused.
+
+        At least one token is always left to compute, because its logits are needed to sample.
+        """
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        full = (seq.num_tokens - 1) // self.block_size
+        self.prefix_queries += seq.num_tokens
+        for h in self._chain(seq.token_ids, full):
+            block = self.cached.get(h)
+            if block is None:
+                break
+            self._ref(block)
+            seq.block_table.append(block)
+        hit = len(seq.block_table) * self.block_size
+        self.prefix_hits += hit
+        seq.num_computed_tokens = hit
+        return hit
+
+    def commit(self, seq: Sequence) -> None:
+        """Register every block of `seq` whose tokens are all computed, so later prompts can share it."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        hashes = self._chain(seq.token_ids, full)
+        for block, h in zip(seq.block_table[:full], hashes):
+            if self.block_hash[block] is None and h not in self.cached:
+                self.block_hash[block] = h
+                self.cached[h] = block
+
+    # -- allocation ---------------------------------------------------------------------------------------------
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free[block]
+        self.ref_counts[block] += 1
+
+    def _take(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:  # evict its prefix entry: the contents are about to be overwritten
+            self.cached.pop(h, None)
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def _unref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free[block] = None
+
+    def allocate(self, seq: Sequence, num_tokens: int, copies: list[tuple[int, int]]) -> bool:
+        """Make `seq` own writable slots for its first `num_tokens` tokens.
+
+        A shared block about to be written (a fork's last partial block) is copied first: (src, dst) goes to
+        `copies` for the runner. Returns False, changing nothing, when there are not enough free blocks.
+        """
+        bs = self.block_size
+        first = seq.num_computed_tokens // bs
+        cow = first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
+        needed = self.blocks_needed(seq, num_tokens) + int(cow)
+        if needed > len(self.free):
+            return False
+        if cow:
+            src = seq.block_table[first]
+            dst = self._take()
+            self._unref(src)
+            seq.block_table[first] = dst
+            copies.append((src, dst))
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            seq.block_table.append(self._take())
+        return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        for block in parent.block_table:
+            self._ref(block)
+        child.block_table = list(parent.block_table)
+
+    def release(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):  # tail blocks are the least likely to be shared: free them first
+            self._unref(block)
+        seq.block_table = []

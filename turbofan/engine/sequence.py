@@ -1,0 +1,110 @@
+"""Request (what a user asked) and Sequence (one stream of tokens that owns KV blocks).
+
+A request starts as one sequence; with n > 1 it forks into n sequences after the prompt is computed, and the
+forks share the prompt's KV blocks.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+import torch
+
+from turbofan.engine.outputs import CompletionOutput, Logprob, RequestMetrics
+from turbofan.engine.params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request: Request, index: int, token_ids: list[int]):
+        self.seq_id = next(_seq_ids)
+        self.request = request
+        self.index = index
+        self.token_ids = token_ids
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.generator: torch.Generator | None = None
+        params = request.params
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed + index)
+        self.output_text = ""
+        self.detokenizer = None  # set by the engine's Detokenizer
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def fork(self, index: int) -> Sequence:
+        child = Sequence(self.request, index, list(self.token_ids))
+        child.num_computed_tokens = self.num_computed_tokens
+        child.block_table = list(self.block_table)
+        child.status = self.status
+        return child
+
+    def to_output(self, text: str) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=text,
+            token_ids=list(self.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
+        self.seqs: list[Sequence] = [Sequence(self, 0, list(prompt_token_ids))]
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
+        self.num_cached_tokens = 0
+        self.forked = params.n == 1
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.finished for s in self.seqs)
