@@ -49,8 +49,8 @@ class BlockManager:
 
         At least one token is always left to compute, because its logits are needed to sample.
         """
-        if not self.enable_prefix_caching or seq.block_table:
-            return 0
+        if not self.enable_prefix_caching or seq.block_table or seq.request.prompt_logprobs is not None:
+            return 0  # prompt logprobs need the logits of every prompt position, so nothing can be skipped
         full = (seq.num_tokens - 1) // self.block_size
         self.prefix_queries += seq.num_tokens
         for h in self._chain(seq.token_ids, full):

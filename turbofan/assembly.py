@@ -1,0 +1,122 @@
+"""The composition root: which components the engine is made of and how they wire, in one place.
+
+Everything is declared in a Container (Spring's three-level cache, turbofan/container.py). The scheduler and the
+block manager refer to each other's decisions and are wired by property injection, so the container resolves
+the cycle through an early reference instead of ad-hoc setters. Plugins (entry point group `turbofan.plugins`)
+receive the container before anything is built and may register components or post-processors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from turbofan.config import EngineConfig
+from turbofan.container import Container
+from turbofan.engine.block_manager import BlockManager
+from turbofan.engine.detokenizer import Detokenizer
+from turbofan.engine.engine import Engine
+from turbofan.engine.sampler import Sampler
+from turbofan.engine.scheduler import Scheduler
+from turbofan.model.runner import ModelRunner
+from turbofan.model.tokenizer import Tokenizer
+
+log = logging.getLogger("turbofan.assembly")
+PLUGIN_GROUP = "turbofan.plugins"
+
+
+def resolve_model_path(config: EngineConfig) -> tuple[Path, str]:
+    """A local HF directory is used in place; anything else goes through the model store."""
+    local = Path(config.model).expanduser()
+    if local.is_dir():
+        return local, local.name
+    from turbofan.store import ModelStore
+
+    resolved = ModelStore(config.models_dir).resolve(config.model)
+    return Path(resolved.path), resolved.name
+
+
+def _runner(config: EngineConfig, model_path: Path) -> ModelRunner:
+    return ModelRunner(
+        model_path,
+        dtype=config.torch_dtype,
+        device=config.resolved_device,
+        block_size=config.block_size,
+        num_blocks=config.num_kv_blocks,
+        kv_cache_bytes=config.kv_cache_bytes,
+    )
+
+
+def _block_manager(config: EngineConfig, runner: ModelRunner) -> BlockManager:
+    return BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
+
+
+def _scheduler(config: EngineConfig) -> Scheduler:
+    return Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+
+
+def _sampler(tokenizer: Tokenizer, runner: ModelRunner, container: Container) -> Sampler:
+    eos = sorted(set(tokenizer.eos_token_ids) | set(runner.args.eos_token_ids))
+    processors = [container.get(n) for n in container.names() if n.startswith("logits_processor.")]
+    return Sampler(eos, processors)
+
+
+def declare(container: Container, config: EngineConfig) -> Container:
+    model_path, model_name = resolve_model_path(config)
+    container.register_instance("config", config)
+    container.register_instance("model_path", model_path)
+    container.register_instance("model_name", config.served_model_name or model_name)
+    container.register("tokenizer", lambda path, cfg: Tokenizer(path, cfg.chat_template), args=["model_path", "config"])
+    container.register("runner", _runner, args=["config", "model_path"])
+    container.register("block_manager", _block_manager, args=["config", "runner"])
+    container.register("scheduler", _scheduler, args=["config"], properties={"blocks": "block_manager"})
+    container.register("sampler", lambda t, r: _sampler(t, r, container), args=["tokenizer", "runner"])
+    container.register("detokenizer", Detokenizer, args=["tokenizer"])
+    container.register(
+        "engine",
+        Engine,
+        args=["config", "tokenizer", "runner", "scheduler", "sampler", "detokenizer", "model_name"],
+    )
+    return container
+
+
+def load_plugins(container: Container, extra: list | None = None) -> None:
+    """Entry points of group `turbofan.plugins` (and `extra` callables, for tests) receive the container."""
+    plugins = [ep.load() for ep in entry_points(group=PLUGIN_GROUP)] + list(extra or [])
+    for plugin in plugins:
+        plugin(container)
+        log.info("plugin loaded", extra={"plugin": getattr(plugin, "__name__", repr(plugin))})
+
+
+def build_container(config: EngineConfig, plugins: list | None = None) -> Container:
+    container = declare(Container(), config)
+    load_plugins(container, plugins)
+    return container
+
+
+def build_engine(config: EngineConfig, plugins: list | None = None) -> Engine:
+    start = time.perf_counter()
+    container = build_container(config, plugins)
+    engine: Engine = container.get("engine")
+    engine.container = container
+    runner = engine.runner
+    log.info(
+        "engine ready",
+        extra={
+            "model": engine.model_name,
+            "path": str(container.get("model_path")),
+            "architecture": runner.args.architecture,
+            "dtype": str(runner.dtype).removeprefix("torch."),
+            "device": runner.device,
+            "load_seconds": round(runner.load_seconds, 2),
+            "total_seconds": round(time.perf_counter() - start, 2),
+            "kv_blocks": runner.num_blocks,
+            "block_size": runner.block_size,
+            "kv_cache_gib": round(runner.kv_cache_bytes / (1 << 30), 3),
+            "max_concurrent_tokens": runner.num_blocks * runner.block_size,
+            "max_model_len": engine.max_model_len,
+        },
+    )
+    return engine

@@ -1,0 +1,135 @@
+"""LLM: vLLM's offline API — generate, chat and beam search over a batch of prompts, with a progress bar."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from turbofan.config import EngineConfig
+from turbofan.engine.engine import Engine
+from turbofan.engine.outputs import RequestOutput
+from turbofan.engine.params import SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class BeamSearchSequence:
+    tokens: list[int]
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence] = field(default_factory=list)
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2:135m", plugins: list | None = None, **kwargs):
+        from turbofan.assembly import build_engine
+
+        self.config = EngineConfig(model=model, **kwargs)
+        self.engine: Engine = build_engine(self.config, plugins)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def _prompt(self, prompt: PromptType) -> str | list[int]:
+        if isinstance(prompt, dict):
+            return prompt.get("prompt_token_ids") or prompt["prompt"]
+        return prompt
+
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        param_list = list(params) if isinstance(params, Seq) else [params] * len(prompts)
+        if len(param_list) != len(prompts):
+            raise ValueError("pass one SamplingParams, or one per prompt")
+        beam = [p for p in param_list if p.use_beam_search]
+        if beam:
+            if len(beam) != len(param_list):
+                raise ValueError("mix of beam search and sampling in one call is not supported")
+            return [self._beam_as_output(p, sp) for p, sp in zip(prompts, param_list)]
+        ids = []
+        try:
+            for prompt, sp in zip(prompts, param_list):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, self._prompt(prompt), sp)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        generated = 0
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        generated += sum(len(o.token_ids) for o in out.outputs)
+                        bar.update(1)
+                        bar.set_postfix(output_toks_per_s=f"{generated / max(bar.format_dict['elapsed'], 1e-6):.1f}")
+                if not self.engine.has_unfinished_requests() and len(done) < len(ids):
+                    break
+        except BaseException:
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [
+            tok.encode_chat(c, chat_template=chat_template, add_generation_prompt=add_generation_prompt)
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: list[PromptType],
+        params: SamplingParams | None = None,
+        beam_width: int = 4,
+        max_tokens: int = 16,
+        length_penalty: float = 1.0,
+        ignore_eos: bool = False,
+    ) -> list[BeamSearchOutput]:
+        from turbofan.engine.beam_search import beam_search
+
+        return [
+            beam_search(self.engine, self._prompt(p), beam_width, max_tokens, length_penalty, ignore_eos)
+            for p in prompts
+        ]
+
+    def _beam_as_output(self, prompt: PromptType, sp: SamplingParams) -> RequestOutput:
+        from turbofan.engine.beam_search import beam_search_output
+
+        return beam_search_output(self.engine, self._prompt(prompt), sp)
