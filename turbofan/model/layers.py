@@ -94,7 +94,7 @@ class CausalLM(nn.Module):
         # Layers that share rope parameters share one cos/sin computation per step.
         self.rope_groups: list[tuple[torch.Tensor, list[int]]] = []
         for i, rope in enumerate(args.rope):
-            for inv, members in self.rope_groups:
+            for _inv, members in self.rope_groups:
                 if args.rope[members[0]] == rope:
                     members.append(i)
                     break
