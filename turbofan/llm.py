@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
 from turbofan.config import EngineConfig
+from turbofan.engine.beam_search import BeamSearchOutput, beam_search, beam_search_output
 from turbofan.engine.engine import Engine
 from turbofan.engine.outputs import RequestOutput
 from turbofan.engine.params import SamplingParams
 
 PromptType = str | list[int] | dict
-
-
-@dataclass
-class BeamSearchSequence:
-    tokens: list[int]
-    cum_logprob: float = 0.0
-    text: str | None = None
-    finish_reason: str | None = None
-
-
-@dataclass
-class BeamSearchOutput:
-    sequences: list[BeamSearchSequence] = field(default_factory=list)
 
 
 class LLM:
@@ -51,7 +38,9 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         param_list = list(params) if isinstance(params, Seq) else [params] * len(prompts)
@@ -76,7 +65,9 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(ids), desc="Processed prompts", unit="req", disable=not use_tqdm, dynamic_ncols=True
+        )
         generated = 0
         try:
             while len(done) < len(ids):
@@ -85,7 +76,9 @@ class LLM:
                         done[out.request_id] = out
                         generated += sum(len(o.token_ids) for o in out.outputs)
                         bar.update(1)
-                        bar.set_postfix(output_toks_per_s=f"{generated / max(bar.format_dict['elapsed'], 1e-6):.1f}")
+                        bar.set_postfix(
+                            output_toks_per_s=f"{generated / max(bar.format_dict['elapsed'], 1e-6):.1f}"
+                        )
                 if not self.engine.has_unfinished_requests() and len(done) < len(ids):
                     break
         except BaseException:
@@ -122,14 +115,10 @@ class LLM:
         length_penalty: float = 1.0,
         ignore_eos: bool = False,
     ) -> list[BeamSearchOutput]:
-        from turbofan.engine.beam_search import beam_search
-
         return [
             beam_search(self.engine, self._prompt(p), beam_width, max_tokens, length_penalty, ignore_eos)
             for p in prompts
         ]
 
     def _beam_as_output(self, prompt: PromptType, sp: SamplingParams) -> RequestOutput:
-        from turbofan.engine.beam_search import beam_search_output
-
         return beam_search_output(self.engine, self._prompt(prompt), sp)
