@@ -1,0 +1,35 @@
+# The two commands a person needs: `make serve` and `make test`. Both work from a fresh clone.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?= smollm2:135m
+export TURBOFAN_MODELS ?= $(CURDIR)/.models
+
+.PHONY: install serve test test-fast lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned to the CPU wheel; a range it satisfies then installs nothing more.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/turbofan serve $(MODEL)
+
+test: install
+	$(BIN)/turbofan pull smollm2:135m
+	$(BIN)/turbofan pull gemma3:270m
+	$(BIN)/ruff check turbofan tests
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+bench: install
+	$(BIN)/python -m turbofan.bench.offline
