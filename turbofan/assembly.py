@@ -38,8 +38,15 @@ def resolve_model_path(config: EngineConfig) -> tuple[Path, str]:
     return Path(resolved.path), resolved.name
 
 
+def compile_cache_dir(config: EngineConfig) -> Path:
+    import os
+
+    root = config.models_dir or os.environ.get("TURBOFAN_MODELS") or Path.home() / ".turbofan" / "models"
+    return Path(root) / ".compile-cache"
+
+
 def _runner(config: EngineConfig, model_path: Path) -> ModelRunner:
-    return ModelRunner(
+    runner = ModelRunner(
         model_path,
         dtype=config.torch_dtype,
         device=config.resolved_device,
@@ -47,6 +54,11 @@ def _runner(config: EngineConfig, model_path: Path) -> ModelRunner:
         num_blocks=config.num_kv_blocks,
         kv_cache_bytes=config.kv_cache_bytes,
     )
+    if config.tiering == "on":
+        from turbofan.model.tiering import TieredForward
+
+        runner.forward_fn = TieredForward(runner, config.tier_threshold, compile_cache_dir(config))
+    return runner
 
 
 def _block_manager(config: EngineConfig, runner: ModelRunner) -> BlockManager:

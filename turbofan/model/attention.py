@@ -30,7 +30,7 @@ class AttentionMetadata:
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_batch(cls, fb: ForwardBatch) -> AttentionMetadata:
+    def from_batch(cls, fb: ForwardBatch, windows: tuple[int, ...] = ()) -> AttentionMetadata:
         b = fb.query_lens.shape[0]
         q = int(fb.query_lens.max())
         c = int(fb.context_lens.max())
@@ -50,7 +50,10 @@ class AttentionMetadata:
             offsets = torch.cumsum(fb.query_lens, 0) - fb.query_lens
             seq = torch.repeat_interleave(torch.arange(b), fb.query_lens)
             scatter = seq * q + (torch.arange(fb.num_tokens) - offsets[seq])
-        return cls(fb.slot_mapping, gather_slots, scatter, b, q, qpos, ctx, mask[:, None])
+        meta = cls(fb.slot_mapping, gather_slots, scatter, b, q, qpos, ctx, mask[:, None])
+        for window in windows:  # built up front: a compiled forward must find them ready
+            meta.mask(window)
+        return meta
 
     def mask(self, window: int | None) -> torch.Tensor:
         if window is None:
@@ -59,6 +62,41 @@ class AttentionMetadata:
             near = (self.query_positions[:, :, None] - self.context_positions[None, None, :]) < window
             self._window_masks[window] = self.base_mask & near[:, None]
         return self._window_masks[window]
+
+
+@torch.library.custom_op("turbofan::paged_attention", mutates_args=("k_cache", "v_cache"))
+def _paged_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    gather_slots: torch.Tensor,
+    mask: torch.Tensor,
+    query_scatter: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
+    b, qlen = mask.shape[0], mask.shape[2]
+    t, h, d = q.shape
+    if query_scatter is None:
+        qp = q.view(b, 1, h, d)
+    else:
+        qp = q.new_zeros(b * qlen, h, d).index_copy_(0, query_scatter, q).view(b, qlen, h, d)
+    keys = k_cache[gather_slots].transpose(1, 2)  # [B, KVH, C, D]
+    values = v_cache[gather_slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=h != keys.shape[1]
+    )
+    out = out.transpose(1, 2).reshape(b * qlen, h, d)
+    return out if query_scatter is None else out.index_select(0, query_scatter)
+
+
+@_paged_attention_op.register_fake
+def _(q, k, v, k_cache, v_cache, slot_mapping, gather_slots, mask, query_scatter, scale):
+    return torch.empty_like(q)
 
 
 def paged_attention(
@@ -71,22 +109,14 @@ def paged_attention(
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:
-    """Write this step's keys/values into their slots, then attend over each sequence's paged context."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
-    b, qlen = meta.batch, meta.max_query
-    t, h, d = q.shape
-    if meta.query_scatter is None:
-        qp = q.view(b, 1, h, d)
-    else:
-        qp = q.new_zeros(b * qlen, h, d).index_copy_(0, meta.query_scatter, q).view(b, qlen, h, d)
-    keys = k_cache[meta.gather_slots].transpose(1, 2)  # [B, KVH, C, D]
-    values = v_cache[meta.gather_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2), keys, values, attn_mask=meta.mask(window), scale=scale, enable_gqa=h != keys.shape[1]
+    """Write this step's keys/values into their slots, then attend over each sequence's paged context.
+
+    A custom op, so that a compiled forward (the optimising tier) keeps it as one opaque call whose context
+    length may vary without recompiling.
+    """
+    return _paged_attention_op(
+        q, k, v, k_cache, v_cache, meta.slot_mapping, meta.gather_slots, meta.mask(window), meta.query_scatter, scale
     )
-    out = out.transpose(1, 2).reshape(b * qlen, h, d)
-    return out if meta.query_scatter is None else out.index_select(0, meta.query_scatter)
 
 
 def dense_reference_attention(

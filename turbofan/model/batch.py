@@ -58,3 +58,25 @@ class ForwardBatch:
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
             block_size=block_size,
         )
+
+    def padded_decode(self, batch_size: int, trash_block: int) -> ForwardBatch:
+        """A decode batch grown to `batch_size` sequences with one-token dummies that write to the trash block.
+
+        Shapes then depend only on the bucket, which is what a compiled entry is specialised for.
+        """
+        extra = batch_size - self.query_lens.shape[0]
+        if extra <= 0:
+            return self
+        zeros = torch.zeros(extra, dtype=torch.long)
+        ones = torch.ones(extra, dtype=torch.long)
+        table = torch.full((extra, self.block_tables.shape[1]), trash_block, dtype=torch.long)
+        return ForwardBatch(
+            input_ids=torch.cat([self.input_ids, zeros]),
+            positions=torch.cat([self.positions, zeros]),
+            slot_mapping=torch.cat([self.slot_mapping, zeros + trash_block * self.block_size]),
+            query_lens=torch.cat([self.query_lens, ones]),
+            context_lens=torch.cat([self.context_lens, ones]),
+            block_tables=torch.cat([self.block_tables, table]),
+            logits_indices=self.logits_indices,
+            block_size=self.block_size,
+        )

@@ -36,22 +36,30 @@ class ModelRunner:
         self.model = load_model(model_path, dtype=dtype, device=device)
         self.load_seconds = time.perf_counter() - t0
         self.args = self.model.args
+        self.windows = tuple(sorted({w for w in self.args.sliding_window if w is not None}))
         self.dtype, self.device, self.block_size = dtype, device, block_size
         per_block = kv_bytes_per_block(self.model, block_size, dtype)
         if num_blocks is None:
             num_blocks = max(int((kv_cache_bytes or 1 << 30) // per_block), 2)
         self.num_blocks = num_blocks
+        # One extra block past the ones the block manager hands out: padding rows of a bucketed batch write there.
+        self.trash_block = num_blocks
         a = self.args
         self.kv_cache = torch.zeros(
-            a.num_layers, 2, num_blocks * block_size, a.num_kv_heads, a.head_dim, dtype=dtype, device=device
+            a.num_layers, 2, (num_blocks + 1) * block_size, a.num_kv_heads, a.head_dim, dtype=dtype, device=device
         )
+        self.model_version = 0  # bumped whenever the weights change; compiled entries guard on it
         self.kv_cache_bytes = per_block * num_blocks
         # The forward the runner calls; the tiering layer may swap in compiled versions per shape.
         self.forward_fn: Callable[[ForwardBatch], torch.Tensor] = self.eager_forward
 
+    def forward_all(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Logits for every row: the shape-stable function the optimising tier compiles per bucket."""
+        return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta))
+
     @torch.inference_mode()
     def eager_forward(self, batch: ForwardBatch) -> torch.Tensor:
-        meta = AttentionMetadata.from_batch(batch)
+        meta = AttentionMetadata.from_batch(batch, self.windows)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, meta)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
 
