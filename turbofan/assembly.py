@@ -104,6 +104,12 @@ def load_plugins(container: Container, extra: list | None = None) -> None:
 
 def build_container(config: EngineConfig, plugins: list | None = None) -> Container:
     container = declare(Container(), config)
+    if config.profile:
+        from turbofan.profiling import Profiler, ProfilingPostProcessor
+
+        profiler = Profiler()
+        container.register_instance("profiler", profiler)
+        container.add_post_processor(ProfilingPostProcessor(profiler))
     load_plugins(container, plugins)
     return container
 
@@ -113,6 +119,7 @@ def build_engine(config: EngineConfig, plugins: list | None = None) -> Engine:
     container = build_container(config, plugins)
     engine: Engine = container.get("engine")
     engine.container = container
+    engine.profiler = container.get("profiler") if "profiler" in container else None
     runner = engine.runner
     log.info(
         "engine ready",
