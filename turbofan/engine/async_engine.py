@@ -47,6 +47,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: BaseException | None = None
         self.on_step = None  # optional hook(outputs) for observers (metrics); called on the engine thread
+        self._torch_profile: tuple[int, str | None, asyncio.Future] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,6 +136,8 @@ class AsyncEngine:
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
+                elif self._torch_profile is not None:
+                    self._run_torch_profile()
                 else:
                     outputs = self.engine.step()
                     for out in outputs:
@@ -150,6 +153,44 @@ class AsyncEngine:
             self._dead = exc
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"the engine stopped after an error: {exc}"))
+
+    async def profile_torch(self, steps: int, trace_path: str | None = None) -> dict:
+        """Record the next `steps` engine steps with torch.profiler (seed 002's per-op table).
+
+        Returns the top ops by self CPU time with their call counts; writes a Chrome trace if asked.
+        """
+        if steps < 1:
+            raise ValueError("steps must be at least 1")
+        future = asyncio.get_running_loop().create_future()
+        self._torch_profile = (steps, trace_path, future)
+        self._wake.set()
+        return await future
+
+    def _run_torch_profile(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        steps, trace_path, future = self._torch_profile
+        self._torch_profile = None
+        done = 0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            while done < steps and self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+                done += 1
+                self._drain_commands()
+        if trace_path:
+            prof.export_chrome_trace(trace_path)
+        rows = [
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3),
+                "cpu_total_ms": round(e.cpu_time_total / 1000, 3),
+            }
+            for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:30]
+        ]
+        result = {"steps": done, "ops": rows, "trace": trace_path}
+        self._loop.call_soon_threadsafe(future.set_result, result)
 
     def _log_stats(self, seconds: float, last_tokens: int) -> int:
         stats = self.engine.stats()
