@@ -63,9 +63,8 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, meta)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
 
-    @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [len(batch.logits_indices), vocab] in float32."""
+        """Logits [len(batch.logits_indices), vocab] in float32 (the forward function picks its grad mode)."""
         return self.forward_fn(batch)
 
     @torch.inference_mode()

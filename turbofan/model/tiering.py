@@ -90,7 +90,8 @@ class TieredForward:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turbofan-compiler")
         self._lock = threading.Lock()
         if cache_dir is not None:  # Inductor's on-disk cache is the code cache: restarts tier up faster
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+            # Set outright: importing torch._dynamo already put a /tmp default there; Inductor re-reads it.
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, 64)
@@ -143,11 +144,12 @@ class TieredForward:
     def _compiled(self, entry: TierEntry, batch: ForwardBatch) -> torch.Tensor | None:
         start = time.perf_counter()
         try:
-            padded = batch.padded_decode(entry.bucket, self.runner.trash_block)
-            meta = self._meta(padded)
-            with torch.inference_mode():
-                logits = entry.compiled(padded.input_ids, padded.positions, meta)
-            out = logits.index_select(0, batch.logits_indices)
+            # Compiled entries see plain tensors under no_grad, exactly as in warm-up: inference-mode tensors
+            # would fail Dynamo's guards and recompile on the serving thread.
+            with torch.inference_mode(False), torch.no_grad():
+                padded = batch.padded_decode(entry.bucket, self.runner.trash_block)
+                logits = entry.compiled(padded.input_ids, padded.positions, self._meta(padded))
+                out = logits.index_select(0, batch.logits_indices)
         except Exception as exc:  # a broken speculation: back to tier 0, and maybe never again
             entry.failures += 1
             entry.compiled = None
@@ -200,8 +202,8 @@ class TieredForward:
         start = time.perf_counter()
         try:
             compiled = self._compile(self.runner.forward_all)
-            batch = self._warmup_batch(entry.bucket)
-            with torch.inference_mode():
+            with torch.inference_mode(False), torch.no_grad():
+                batch = self._warmup_batch(entry.bucket)
                 compiled(batch.input_ids, batch.positions, self._meta(batch))
         except Exception as exc:
             entry.failures += 1
