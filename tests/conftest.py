@@ -16,3 +16,52 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: build_tiny_model(root / arch, arch) for arch in ARCHS}
+
+
+# -- engine fixtures: every LLM a test builds is checked for leaked KV blocks when the test ends ------------------
+def assert_no_leaks(engine) -> None:
+    """Every KV block is free again and nothing is left queued, running or half-referenced."""
+    stats = engine.stats()
+    assert not engine.has_unfinished_requests(), f"requests left behind: {list(engine.requests)}"
+    assert stats.num_running == 0 and stats.num_waiting == 0, stats
+    assert stats.num_free_blocks == stats.num_blocks, (
+        f"KV leak: {stats.num_blocks - stats.num_free_blocks} of {stats.num_blocks} blocks still allocated"
+    )
+    refs = engine.blocks.ref_counts
+    assert all(r == 0 for r in refs), f"blocks with a non-zero reference count: {[i for i, r in enumerate(refs) if r]}"
+
+
+@pytest.fixture
+def make_llm(tiny_models):
+    """make_llm(arch="llama", **EngineConfig fields) -> LLM on a tiny model; asserts no KV leak at teardown."""
+    from turbofan import LLM
+
+    created = []
+
+    def factory(arch: str = "llama", **kwargs):
+        kwargs.setdefault("num_kv_blocks", 256)  # the default 1 GiB budget is pointless for a 3-layer toy
+        llm = LLM(str(tiny_models[arch]), **kwargs)
+        created.append(llm)
+        return llm
+
+    yield factory
+    for llm in created:
+        assert_no_leaks(llm.engine)
+
+
+@pytest.fixture
+def tiny_llm(make_llm):
+    """A default LLM on the tiny Llama (block size 16, 256 blocks, prefix caching on)."""
+    return make_llm("llama")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box OpenMP spinning makes every step
+    10-100x slower; TURBOFAN_TEST_THREADS overrides."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("TURBOFAN_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)

@@ -29,7 +29,7 @@ class LLM:
 
     def _prompt(self, prompt: PromptType) -> str | list[int]:
         if isinstance(prompt, dict):
-            return prompt.get("prompt_token_ids") or prompt["prompt"]
+            return prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
         return prompt
 
     def generate(

@@ -52,7 +52,6 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_table or seq.request.prompt_logprobs is not None:
             return 0  # prompt logprobs need the logits of every prompt position, so nothing can be skipped
         full = (seq.num_tokens - 1) // self.block_size
-        self.prefix_queries += seq.num_tokens
         for h in self._chain(seq.token_ids, full):
             block = self.cached.get(h)
             if block is None:
@@ -60,9 +59,13 @@ class BlockManager:
             self._ref(block)
             seq.block_table.append(block)
         hit = len(seq.block_table) * self.block_size
-        self.prefix_hits += hit
         seq.num_computed_tokens = hit
         return hit
+
+    def count_prefix_lookup(self, queried: int, hit: int) -> None:
+        """Counted by the scheduler once a sequence is admitted, so retries do not inflate the hit rate."""
+        self.prefix_queries += queried
+        self.prefix_hits += hit
 
     def commit(self, seq: Sequence) -> None:
         """Register every block of `seq` whose tokens are all computed, so later prompts can share it."""

@@ -6,6 +6,7 @@ directly. Everything it is made of is passed in (see turbofan.assembly), so it o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -113,8 +114,8 @@ class Engine:
         else:
             text, ids = None, list(prompt)
         self.validate_prompt(ids, params)
-        if params.max_tokens is None:
-            params.max_tokens = self.max_model_len - len(ids)
+        if params.max_tokens is None:  # a copy: the caller may share one SamplingParams across prompts
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         request = Request(request_id, text, ids, params, arrival_time)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])

@@ -82,20 +82,20 @@ class Scheduler:
             return self._drop_preempted(out)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.match_prefix(seq)
-                if seq.num_computed_tokens and seq.request.metrics.first_scheduled_time is None:
-                    seq.request.num_cached_tokens = seq.num_computed_tokens
+            hit = self.blocks.match_prefix(seq)  # a waiting sequence holds no blocks
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.allocate(seq, seq.num_computed_tokens + n, out.copies):
+                self.blocks.release(seq)  # give back the prefix blocks it was about to share
+                seq.num_computed_tokens = 0
                 if not self.running:  # nothing will ever free blocks: fail loudly rather than spin
-                    self.blocks.release(seq)
-                    seq.num_computed_tokens = 0
                     raise MemoryError(
                         f"a sequence of {seq.num_tokens} tokens does not fit in the KV cache "
                         f"({self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens)"
                     )
                 break
+            self.blocks.count_prefix_lookup(seq.num_tokens, hit)
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.num_cached_tokens = hit
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
