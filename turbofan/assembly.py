@@ -53,6 +53,7 @@ def _runner(config: EngineConfig, model_path: Path) -> ModelRunner:
         block_size=config.block_size,
         num_blocks=config.num_kv_blocks,
         kv_cache_bytes=config.kv_cache_bytes,
+        quantization=config.quantization,
     )
     if config.tiering == "on":
         from turbofan.model.tiering import TieredForward

@@ -39,6 +39,7 @@ class EngineConfig:
     kv_cache_memory: str | float | None = "1GiB"
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use it to force preemption)
     enable_prefix_caching: bool = True
+    quantization: str | None = None  # "int8": fbgemm int8 weights on CPU (faster, not bit-comparable with HF)
     chat_template: str | None = None
     models_dir: str | None = None
     tiering: str = "off"

@@ -15,6 +15,13 @@ from turbofan.model.args import ModelArgs
 from turbofan.model.attention import AttentionMetadata, paged_attention
 
 
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for float weights; a quantized weight object (model/quant.py) is called instead."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight(x)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -59,7 +66,7 @@ class DecoderLayer(nn.Module):
         a = self.args
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, a.rms_norm_eps)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
+        qkv = linear(h, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, a.num_heads, a.head_dim)
         k = k.reshape(t, a.num_kv_heads, a.head_dim)
@@ -69,14 +76,14 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, a.rms_norm_eps)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, a.scale, self.window)
-        o = F.linear(o.reshape(t, self.q_size), self.o_weight)
+        o = linear(o.reshape(t, self.q_size), self.o_weight)
         if self.post_attn_norm is not None:
             o = rms_norm(o, self.post_attn_norm, a.rms_norm_eps)
         x = x + o
         h = rms_norm(x, self.pre_mlp_norm, a.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)
+        gate, up = linear(h, self.gate_up_weight).chunk(2, dim=-1)
         act = F.silu(gate) if a.hidden_act == "silu" else F.gelu(gate, approximate="tanh")
-        m = F.linear(act * up, self.down_weight)
+        m = linear(act * up, self.down_weight)
         if self.post_mlp_norm is not None:
             m = rms_norm(m, self.post_mlp_norm, a.rms_norm_eps)
         return x + m
@@ -120,7 +127,7 @@ class CausalLM(nn.Module):
         return rms_norm(x, self.final_norm, self.args.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.lm_head).float()
+        logits = linear(hidden, self.lm_head).float()
         cap = self.args.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

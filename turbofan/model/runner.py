@@ -31,9 +31,17 @@ class ModelRunner:
         block_size: int = 16,
         num_blocks: int | None = None,
         kv_cache_bytes: int | None = None,
+        quantization: str | None = None,
     ):
         t0 = time.perf_counter()
         self.model = load_model(model_path, dtype=dtype, device=device)
+        if quantization == "int8":
+            from turbofan.model.quant import quantize_int8
+
+            quantize_int8(self.model)
+        elif quantization not in (None, "none"):
+            raise ValueError(f"unknown quantization {quantization!r}; turbofan supports: int8")
+        self.quantization = quantization
         self.load_seconds = time.perf_counter() - t0
         self.args = self.model.args
         self.windows = tuple(sorted({w for w in self.args.sliding_window if w is not None}))
