@@ -1,0 +1,495 @@
+"""The `turbofan` command: Ollama's verbs (serve, run, pull, list, ps, rm, show) plus `bench`.
+
+Flags use vLLM's spelling where vLLM has one. Environment: TURBOFAN_HOST (`host`, `host:port` or a URL),
+TURBOFAN_API_KEY, TURBOFAN_ORIGINS (comma-separated), TURBOFAN_MODELS (the model store). The server listens on
+127.0.0.1:8000 by default (vLLM's port; Ollama clients take a base URL, so 11434 is not needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2:135m"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+# -- addresses ----------------------------------------------------------------------------------------------------
+def parse_host(value: str | None) -> tuple[str, int | None]:
+    """TURBOFAN_HOST as Ollama reads OLLAMA_HOST: `host`, `host:port`, `:port`, or `http://host:port`."""
+    if not value:
+        return DEFAULT_HOST, None
+    text = value.split("://", 1)[-1].rstrip("/")
+    if text.startswith("["):  # [::1]:8000
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+        return host, int(port) if port else None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return text, None
+    return host or DEFAULT_HOST, int(port)
+
+
+def server_url(explicit: str | None) -> str:
+    """Where client verbs (ps) find a running server: --url, else TURBOFAN_HOST, else 127.0.0.1:8000."""
+    if explicit:
+        return explicit.rstrip("/") if "://" in explicit else f"http://{explicit.rstrip('/')}"
+    host, port = parse_host(os.environ.get("TURBOFAN_HOST"))
+    if host in ("0.0.0.0", "::", ""):
+        host = DEFAULT_HOST
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port or DEFAULT_PORT}"
+
+
+# -- the parser ---------------------------------------------------------------------------------------------------
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that shape the engine, shared by `serve` and `run` (vLLM's spelling)."""
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, capped)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse cached prefixes"
+    )
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--kv-cache-memory", default="1GiB", help="KV-cache size: '2GiB', '512MiB', or a fraction of free RAM")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)  # tests: force a tiny cache
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    p.add_argument("--tiering", choices=["off", "on"], default="off", help="compile hot shapes in the background")
+    p.add_argument("--tier-threshold", type=int, default=32, help="calls before a shape is compiled")
+    p.add_argument("--profile", action="store_true", help="count calls and time per component method")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turbofan", description="A local LLM inference server on PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    host, port = parse_host(os.environ.get("TURBOFAN_HOST"))
+    s = sub.add_parser("serve", help="serve a model over the OpenAI and Ollama APIs")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"name, hub id or path (default {DEFAULT_MODEL})")
+    s.add_argument("--host", default=host, help=f"bind address (default {DEFAULT_HOST} or $TURBOFAN_HOST)")
+    s.add_argument("--port", type=int, default=port or DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    s.add_argument("--api-key", default=os.environ.get("TURBOFAN_API_KEY"), help="require this Bearer key")
+    s.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use for the model")
+    s.add_argument(
+        "--allowed-origins",
+        default=os.environ.get("TURBOFAN_ORIGINS"),
+        help="CORS origins, comma-separated, or '*' (default: localhost pages only)",
+    )
+    s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-format", choices=["json", "text"], default="json")
+    s.add_argument("--stats-interval", type=float, default=10.0, help="seconds between engine-stats log lines")
+    _engine_flags(s)
+
+    r = sub.add_parser("run", help="chat with a model in this terminal (or answer one prompt)")
+    r.add_argument("model", help="name, hub id or path")
+    r.add_argument("prompt", nargs="*", help="answer this and exit (default: interactive chat)")
+    r.add_argument("--temperature", type=float, default=0.8)
+    r.add_argument("--top-p", type=float, default=0.9)
+    r.add_argument("--top-k", type=int, default=40)
+    r.add_argument("--repeat-penalty", type=float, default=1.1)
+    r.add_argument("--max-tokens", type=int, default=None, help="most tokens per answer (default: to the context)")
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--system", default=None, help="a system message")
+    r.add_argument("--verbose", action="store_true", help="print timings after each answer")
+    _engine_flags(r)
+
+    for name, text in (("pull", "download a model into the store"), ("rm", "remove a model from the store"),
+                       ("show", "describe a model")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("name")
+    sub.add_parser("list", aliases=["ls"], help="list the models in the store")
+    ps = sub.add_parser("ps", help="the model a running server has loaded")
+    ps.add_argument("--url", default=None, help="server base URL (default $TURBOFAN_HOST or 127.0.0.1:8000)")
+
+    b = sub.add_parser("bench", help="benchmarks: `bench serve` (HTTP load) or `bench offline` (engine)")
+    b.add_argument("kind", choices=["serve", "offline"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="see `turbofan bench serve --help`")
+    return parser
+
+
+# -- serve --------------------------------------------------------------------------------------------------------
+def _read_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except OSError:  # a long template string is not a path
+        pass
+    return value
+
+
+def engine_config(args: argparse.Namespace, served_name: str | None = None):
+    from turbofan.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        served_model_name=served_name,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+        num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
+        chat_template=_read_template(args.chat_template),
+        models_dir=os.environ.get("TURBOFAN_MODELS"),
+        tiering=args.tiering,
+        tier_threshold=args.tier_threshold,
+        profile=args.profile,
+        log_stats_interval=getattr(args, "stats_interval", 0.0),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from turbofan.server import ServerSettings, create_app
+    from turbofan.server.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+    log = logging.getLogger("turbofan.server")
+    names = args.served_model_name or []
+    config = engine_config(args, names[0] if names else None)
+    origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()] or None
+    settings = ServerSettings(
+        api_key=args.api_key or None,
+        allowed_origins=origins,
+        served_model_names=names,
+        max_waiting=args.max_waiting,
+        chat_template=config.chat_template,
+        stats_interval=args.stats_interval,
+        models_dir=config.models_dir,
+    )
+
+    def load():
+        from turbofan.engine import Engine
+
+        return Engine.from_config(config)
+
+    app = create_app(load, settings)
+    log.info(
+        "turbofan serving",
+        extra={"model": args.model, "host": args.host, "port": args.port, "auth": bool(settings.api_key)},
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=5)
+    )
+    server.run()
+    return 0
+
+
+# -- run ----------------------------------------------------------------------------------------------------------
+RUN_HELP = """Available commands:
+  /clear   forget the conversation
+  /bye     exit
+  /?       this help
+Ctrl+C stops an answer; Ctrl+D or /bye leaves."""
+
+
+class _Interrupt:
+    """While an answer streams, Ctrl+C asks the loop to stop between engine steps (never mid-step)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        import signal
+
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *_: Any) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self._previous)
+
+
+class Chat:
+    """`turbofan run`: the engine in this process, stepped directly, printing text as it is decoded."""
+
+    def __init__(self, engine, args: argparse.Namespace):
+        self.engine = engine
+        self.args = args
+        self.history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+        self.turns = 0
+
+    def params(self):
+        from turbofan.engine import SamplingParams
+
+        a = self.args
+        return SamplingParams(
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+            repetition_penalty=a.repeat_penalty,
+            repeat_last_n=64,
+            max_tokens=a.max_tokens,
+            seed=a.seed,
+        )
+
+    def prompt_ids(self, user: str) -> list[int]:
+        tok = self.engine.tokenizer
+        messages = [*self.history, {"role": "user", "content": user}]
+        if tok.has_chat_template:
+            return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        return tok.encode("\n".join(m["content"] for m in messages))
+
+    def answer(self, user: str, out=sys.stdout) -> str:
+        import time
+
+        ids = self.prompt_ids(user)
+        request_id = f"run-{self.turns}"
+        self.turns += 1
+        self.engine.add_request(request_id, ids, self.params())
+        shown, text, final = 0, "", None
+        start = time.time()
+        with _Interrupt() as stop:
+            while True:
+                if stop.requested:
+                    self.engine.abort_request(request_id)
+                    break
+                for o in self.engine.step():
+                    if o.request_id != request_id:
+                        continue
+                    text = o.outputs[0].text
+                    out.write(text[shown:])
+                    out.flush()
+                    shown = len(text)
+                    if o.finished:
+                        final = o
+                if final is not None or not self.engine.has_unfinished_requests():
+                    break
+        out.write("\n")
+        if self.args.verbose and final is not None:
+            n = len(final.outputs[0].token_ids)
+            secs = time.time() - start
+            ttft = final.metrics.time_to_first_token or 0.0
+            print(
+                f"prompt tokens: {len(ids)}  output tokens: {n}  time to first token: {ttft:.3f}s  "
+                f"rate: {n / secs if secs else 0:.2f} tokens/s",
+                file=sys.stderr,
+            )
+        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        return text
+
+    def interactive(self) -> int:
+        print('Send a message (/? for help, /bye to leave)', flush=True)
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print("\nUse Ctrl + d or /bye to exit.")
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/bye", "/exit", "/quit"):
+                return 0
+            if text in ("/?", "/help"):
+                print(RUN_HELP)
+                continue
+            if text == "/clear":
+                self.history = self.history[:1] if self.args.system else []
+                print("Cleared session context")
+                continue
+            if text.startswith("/"):
+                print(f"Unknown command '{text.split()[0]}'. Type /? for help")
+                continue
+            self.answer(text)
+            print()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from turbofan.engine import Engine
+
+    prompt = " ".join(args.prompt)
+    if not prompt and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+    config = engine_config(args)
+    if not prompt:
+        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    chat = Chat(Engine.from_config(config), args)
+    if prompt:
+        chat.answer(prompt)
+        return 0
+    return chat.interactive()
+
+
+# -- the store ----------------------------------------------------------------------------------------------------
+def _store():
+    from turbofan.store import ModelStore
+
+    return ModelStore(os.environ.get("TURBOFAN_MODELS"))
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_ago(stamp: str | None) -> str:
+    if not stamp:
+        return ""
+    try:
+        then = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return str(stamp)
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=timezone.utc)
+    secs = (datetime.now(timezone.utc) - then).total_seconds()
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if secs >= size:
+            k = int(secs // size)
+            return f"{k} {unit}{'s' if k > 1 else ''} ago"
+    return "just now"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    _store().pull(args.name, progress=True)
+    print("success")
+    return 0
+
+
+def cmd_list(_args: argparse.Namespace) -> int:
+    rows = [
+        [m.name, m.short_digest, human_size(m.size), human_ago(m.modified_at.isoformat())] for m in _store().list()
+    ]
+    print(table(rows, ["NAME", "ID", "SIZE", "MODIFIED"]))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    _store().remove(args.name)
+    print(f"deleted '{args.name}'")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    info = _store().show(args.name)
+    e = info.entry
+    rows = [
+        ("architecture", e.family or e.model_type),
+        ("parameters", e.parameter_size),
+        ("context length", e.context_length),
+        ("quantization", e.quantization),
+        ("format", e.format),
+        ("source", e.source),
+        ("path", e.path),
+        ("digest", e.short_digest),
+    ]
+    print("  Model")
+    for label, value in rows:
+        if value not in (None, ""):
+            print(f"    {label:<16}{value}")
+    if info.chat_template:
+        print("\n  Chat template\n    " + info.chat_template.strip().replace("\n", "\n    ")[:2000])
+    if info.license:
+        print("\n  License\n    " + info.license.strip().splitlines()[0])
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = server_url(args.url)
+    headers = {}
+    if os.environ.get("TURBOFAN_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['TURBOFAN_API_KEY']}"
+    try:
+        reply = httpx.get(f"{url}/api/ps", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"Error: could not reach a turbofan server at {url} ({exc}); is `turbofan serve` running?",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if reply.status_code != 200:
+        print(f"Error: {url}/api/ps answered {reply.status_code}: {reply.text}", file=sys.stderr)
+        return 1
+    rows = []
+    for m in reply.json().get("models", []):
+        vram = m.get("size_vram") or 0
+        processor = "100% GPU" if vram and vram >= m.get("size", 0) else "100% CPU"
+        rows.append(
+            [
+                m.get("name", ""),
+                str(m.get("digest", ""))[:12],
+                human_size(m.get("size", 0)),
+                processor,
+                str(m.get("context_length", "")),
+                "Forever" if str(m.get("expires_at", "")) > "2100" else m.get("expires_at", ""),
+            ]
+        )
+    print(table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.kind == "serve":
+        from turbofan.bench import serve as bench
+    else:
+        from turbofan.bench import offline as bench  # the engine's benchmark, no HTTP
+    return int(bench.main(args.args) or 0)
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "run": cmd_run,
+    "pull": cmd_pull,
+    "list": cmd_list,
+    "ls": cmd_list,
+    "ps": cmd_ps,
+    "rm": cmd_rm,
+    "show": cmd_show,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from turbofan.store.errors import StoreError
+
+        if isinstance(exc, StoreError | ValueError | FileNotFoundError):
+            print(f"Error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

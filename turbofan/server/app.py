@@ -1,0 +1,117 @@
+"""The app factory: one FastAPI app serving the OpenAI and Ollama APIs over one engine.
+
+`create_app` returns at once; the engine loads in the background once the server starts (see state.py), so the
+port answers `/health` with "loading" while the weights are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+import turbofan
+from turbofan.server import ollama_api, openai_api
+from turbofan.server.errors import CatchAllMiddleware, error_body, install_error_handlers
+from turbofan.server.serving import ClientDisconnected, ServerContext
+from turbofan.server.settings import ServerSettings
+from turbofan.server.state import EngineSource, EngineState
+
+OPEN_PATHS = frozenset({"/health", "/"})
+
+
+class APIKeyMiddleware:
+    """Bearer key on every route but /health and / (CORS preflights pass: browsers send no key with them)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+        if token and hmac.compare_digest(token, self.key):
+            await self.app(scope, receive, send)
+            return
+        message = "Incorrect API key provided." if token else "Missing API key: send 'Authorization: Bearer <key>'."
+        body = json.dumps(error_body(scope["path"], 401, message, code="invalid_api_key")).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(engine_source: EngineSource, settings: ServerSettings | None = None) -> FastAPI:
+    """`engine_source`: an Engine, an AsyncEngine, or a zero-argument callable that builds an Engine (it runs
+    on a worker thread after the server starts listening)."""
+    settings = settings or ServerSettings()
+    state = EngineState(engine_source, settings.max_waiting, settings.stats_interval)
+    ctx = ServerContext(state, settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="turbofan", version=turbofan.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_request: Request, _exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody is listening; nginx's code for "client closed request"
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.ready:
+            dead = getattr(state.async_engine, "_dead", None)  # the engine loop stopped after an error
+            if dead is not None:
+                return JSONResponse({"status": "error", "error": f"engine stopped: {dead}"}, status_code=503)
+            return JSONResponse({"status": "ok"})
+        if state.error is not None:
+            return JSONResponse({"status": "error", "error": str(state.error)}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = ctx.metrics.render()
+        return Response(body, media_type=content_type)
+
+    if settings.debug_endpoints:
+
+        @app.get("/debug/engine")
+        async def debug_engine() -> dict:
+            """Queues and KV blocks right now: what the disconnect tests and an operator look at."""
+            ae = await state.wait()
+            stats = dataclasses.asdict(ae.engine.stats())
+            stats["in_flight"] = ae.num_in_flight
+            return stats
+
+    app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
+
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(CORSMiddleware, **settings.cors_options())
+    return app

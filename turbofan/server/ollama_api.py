@@ -1,0 +1,583 @@
+"""Ollama-compatible routes: generate, chat, tags, show, ps, pull, delete, version, and `GET /`.
+
+Streams are NDJSON and on by default (`"stream": false` for one object); durations are nanoseconds; errors are
+`{"error": "..."}`. Sampling follows Ollama's defaults (temperature 0.8, top_k 40, top_p 0.9, repeat_penalty 1.1
+over the last 64 tokens) unless `options` says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+import turbofan
+from turbofan.engine import RequestOutput, SamplingParams
+from turbofan.server import gotemplate
+from turbofan.server.errors import APIError, bad_request
+from turbofan.server.serving import (
+    Generation,
+    ServerContext,
+    collect,
+    make_params,
+    start_generation,
+    unless_disconnected,
+)
+
+router = APIRouter()
+NEVER = "9999-12-31T23:59:59Z"
+NDJSON = "application/x-ndjson"
+
+# Ollama's defaults for the options it applies when a request leaves them out.
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64}
+IGNORED_OPTIONS = {
+    "num_keep", "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline", "numa",
+    "num_batch", "num_gpu", "main_gpu", "low_vram", "vocab_only", "use_mmap", "use_mlock", "num_thread",
+    "f16_kv", "logits_all", "embedding_only",
+}  # fmt: skip
+
+
+class OllamaModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class OllamaMessage(OllamaModel):
+    role: str
+    content: str | None = ""
+    images: list[str] | None = None
+
+
+class GenerateRequest(OllamaModel):
+    model: str | None = None
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    stream: bool = True
+    raw: bool = False
+    format: Any = None
+    images: list[str] | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+    think: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class ChatRequest(OllamaModel):
+    model: str | None = None
+    messages: list[OllamaMessage] | None = None
+    stream: bool = True
+    format: Any = None
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+    tools: list[dict] | None = None
+    think: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class NameRequest(OllamaModel):
+    model: str | None = None
+    name: str | None = None  # older clients
+    stream: bool = True
+    insecure: bool | None = None
+
+    @property
+    def target(self) -> str:
+        target = self.model or self.name
+        if not target:
+            raise bad_request("model is required")
+        return target
+
+
+def ctx_of(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def ns(seconds: float | None) -> int:
+    return max(0, int((seconds or 0.0) * 1e9))
+
+
+# -- options → SamplingParams -------------------------------------------------------------------------------------
+def _number(options: dict, key: str, kind: type) -> Any:
+    value = options[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad_request(f'option "{key}" must be a number, got {json.dumps(value)}')
+    if kind is int:
+        if float(value) != int(value):
+            raise bad_request(f'option "{key}" must be an integer, got {value}')
+        return int(value)
+    return float(value)
+
+
+def sampling_from_options(
+    options: dict[str, Any] | None, prompt_len: int, max_model_len: int, logprobs: int | None
+) -> SamplingParams:
+    opts = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if v is not None}}
+    ints = ("num_predict", "num_ctx", "top_k", "repeat_last_n", "seed")
+    floats = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
+    values: dict[str, Any] = {}
+    for key in ints:
+        if key in opts:
+            values[key] = _number(opts, key, int)
+    for key in floats:
+        if key in opts:
+            values[key] = _number(opts, key, float)
+    stop = opts.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise bad_request('option "stop" must be a string or a list of strings')
+    context = min(values.get("num_ctx") or max_model_len, max_model_len)
+    num_predict = values.get("num_predict", -1)
+    max_tokens = None if num_predict < 0 else num_predict
+    if context > prompt_len:
+        room = context - prompt_len
+        max_tokens = room if max_tokens is None else min(max_tokens, room)
+    seed = values.get("seed")
+    repeat_last_n = values.get("repeat_last_n", 64)
+    return make_params(
+        temperature=values.get("temperature", 0.8),
+        top_k=values.get("top_k", -1),
+        top_p=values.get("top_p", 1.0),
+        min_p=values.get("min_p", 0.0),
+        repetition_penalty=values.get("repeat_penalty", 1.0),
+        repeat_last_n=-1 if repeat_last_n == -1 else repeat_last_n,
+        presence_penalty=values.get("presence_penalty", 0.0),
+        frequency_penalty=values.get("frequency_penalty", 0.0),
+        seed=seed if seed is not None and seed >= 0 else None,
+        stop=stop,
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+    )
+
+
+def _logprobs_k(logprobs: bool | None, top: int | None) -> int | None:
+    if not logprobs:
+        return None
+    if top is not None and not 0 <= top <= 20:
+        raise bad_request(f"top_logprobs must be between 0 and 20, got {top}")
+    return top or 0
+
+
+def _unsupported(format_: Any, images: list | None, think: Any) -> None:
+    if format_ not in (None, ""):
+        raise bad_request("format (structured output) is not supported by turbofan")
+    if images:
+        raise bad_request("this model does not support images")
+    if think not in (None, False):
+        raise bad_request("this model does not support thinking")
+
+
+# -- prompts ------------------------------------------------------------------------------------------------------
+def generate_prompt(body: GenerateRequest, engine, chat_template: str | None) -> list[int]:
+    tok = engine.tokenizer
+    prompt = body.prompt or ""
+    if body.raw:
+        text, special = prompt, True
+    elif body.template:
+        try:
+            text = gotemplate.render(body.template, {"System": body.system or "", "Prompt": prompt, "Response": ""})
+        except gotemplate.TemplateError as exc:
+            raise bad_request(f"template: {exc}") from None
+        special = True
+    elif chat_template or tok.has_chat_template:
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        text, special = _render_chat(engine, messages, chat_template), False
+    else:  # a base model: Ollama's template is then just {{ .System }} {{ .Prompt }}
+        text, special = (f"{body.system}\n\n{prompt}" if body.system else prompt), True
+    ids = tok.encode(text, add_special_tokens=special)
+    return list(body.context or []) + ids
+
+
+def _render_chat(engine, messages: list[dict], chat_template: str | None) -> str:
+    try:
+        return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=chat_template)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    except Exception as exc:  # jinja: the template refused these messages
+        raise bad_request(f"the chat template could not render these messages: {exc}") from None
+
+
+# -- responses ----------------------------------------------------------------------------------------------------
+def final_stats(out: RequestOutput, started: float, load_seconds: float) -> dict:
+    m = out.metrics
+    end = m.finished_time or time.time()
+    first = m.first_token_time
+    scheduled = m.first_scheduled_time or m.arrival_time
+    c = out.outputs[0]
+    return {
+        "done_reason": c.finish_reason if c.finish_reason in ("stop", "length") else "stop",
+        "total_duration": ns(time.time() - started),
+        "load_duration": ns(load_seconds),
+        "prompt_eval_count": len(out.prompt_token_ids),
+        "prompt_eval_duration": ns((first or end) - scheduled),
+        "eval_count": len(c.token_ids),
+        "eval_duration": ns(end - first if first else 0.0),
+    }
+
+
+def ollama_logprobs(token_ids: list[int], entries, k: int, tokenizer) -> list[dict]:
+    out = []
+    for token, entry in zip(token_ids, entries):
+        chosen = entry.get(token)
+
+        def text(t, lp):
+            return lp.decoded_token if lp is not None and lp.decoded_token is not None else tokenizer.decode_token(t)
+
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+        top = [{"token": text(t, lp), "logprob": max(lp.logprob, -9999.0)} for t, lp in ranked if (lp.rank or 0) <= k]
+        out.append(
+            {
+                "token": text(token, chosen),
+                "logprob": max(chosen.logprob, -9999.0) if chosen else -9999.0,
+                "top_logprobs": top[:k],
+            }
+        )
+    return out
+
+
+class _Deltas:
+    """Turns cumulative outputs into Ollama's per-line text (and logprobs) deltas."""
+
+    def __init__(self, k: int | None, tokenizer):
+        self.k, self.tokenizer = k, tokenizer
+        self.sent_text = 0
+        self.sent_lp = 0
+
+    def next(self, out: RequestOutput) -> tuple[str, list | None]:
+        c = out.outputs[0]
+        text = c.text[self.sent_text :]
+        self.sent_text = max(self.sent_text, len(c.text))
+        lps = None
+        n = len(c.token_ids)  # the engine may already have appended more logprobs than this output's tokens
+        if self.k is not None and c.logprobs is not None and n > self.sent_lp:
+            lps = ollama_logprobs(c.token_ids[self.sent_lp : n], c.logprobs[self.sent_lp : n], self.k, self.tokenizer)
+            self.sent_lp = n
+        return text, lps
+
+
+def _line(payload: dict) -> str:
+    return json.dumps(payload, ensure_ascii=False) + "\n"
+
+
+async def _ndjson(
+    gen: Generation, shape, final, deltas: _Deltas
+) -> AsyncIterator[str]:
+    """Stream: one line per new piece of text, then the final line with the statistics."""
+    try:
+        async for out in gen:
+            text, lps = deltas.next(out)
+            if out.finished:
+                if text or lps:
+                    yield _line(shape(text, lps, False, None))
+                yield _line(final(out))
+            elif text or lps:
+                yield _line(shape(text, lps, False, None))
+    except APIError as exc:
+        yield _line({"error": exc.message})
+
+
+def _load_response(model: str, keep_alive: Any, chat: bool) -> dict:
+    unload = keep_alive in (0, "0", "0s", "0m")
+    body = {"model": model, "created_at": now_rfc3339(), "done": True, "done_reason": "unload" if unload else "load"}
+    if chat:
+        body["message"] = {"role": "assistant", "content": ""}
+    else:
+        body["response"] = ""
+    return body
+
+
+async def _engine_for(ctx: ServerContext, model: str | None):
+    """Check the model name and wait for the engine; returns (engine, seconds waited for it to load)."""
+    if not model:
+        raise bad_request("model is required")
+    t0 = time.time()
+    await ctx.require_model(model)
+    engine = (await ctx.state.wait()).engine
+    return engine, time.time() - t0
+
+
+def _not_found(model: str) -> APIError:
+    return APIError(404, f'model "{model}" not found, try pulling it first')
+
+
+# -- generate / chat ----------------------------------------------------------------------------------------------
+@router.post("/api/generate")
+async def generate(body: GenerateRequest, request: Request):
+    started = time.time()
+    ctx = ctx_of(request)
+    try:
+        engine, waited = await _engine_for(ctx, body.model)
+    except APIError as exc:
+        raise _not_found(body.model) if exc.status == 404 else exc from None
+    _unsupported(body.format, body.images, body.think)
+    if body.suffix:
+        raise bad_request(f'"{body.model}" does not support insert')
+    if not body.prompt and not body.context:
+        return JSONResponse(_load_response(body.model, body.keep_alive, chat=False))
+    k = _logprobs_k(body.logprobs, body.top_logprobs)
+    prompt_ids = generate_prompt(body, engine, ctx.settings.chat_template)
+    params = sampling_from_options(body.options, len(prompt_ids), engine.max_model_len, k)
+    request_id = f"ollama-gen-{int(started * 1e6):x}-{id(body):x}"
+    gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.generate"))
+    model = body.model
+    deltas = _Deltas(k, engine.tokenizer)
+
+    def shape(text: str, lps, done: bool, extra: dict | None) -> dict:
+        line = {"model": model, "created_at": now_rfc3339(), "response": text, "done": done}
+        if lps is not None:
+            line["logprobs"] = lps
+        return {**line, **(extra or {})}
+
+    def final(out: RequestOutput) -> dict:
+        context = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
+        return shape("", None, True, {**final_stats(out, started, waited), "context": context})
+
+    if body.stream:
+        return StreamingResponse(_ndjson(gen, shape, final, deltas), media_type=NDJSON)
+    out = await unless_disconnected(request, collect(gen))
+    text, lps = _Deltas(k, engine.tokenizer).next(out)
+    return JSONResponse({**final(out), "response": text, **({"logprobs": lps} if lps is not None else {})})
+
+
+@router.post("/api/chat")
+async def chat(body: ChatRequest, request: Request):
+    started = time.time()
+    ctx = ctx_of(request)
+    try:
+        engine, waited = await _engine_for(ctx, body.model)
+    except APIError as exc:
+        raise _not_found(body.model) if exc.status == 404 else exc from None
+    images = [img for m in body.messages or [] for img in (m.images or [])]
+    _unsupported(body.format, images, body.think)
+    if not body.messages:
+        return JSONResponse(_load_response(body.model, body.keep_alive, chat=True))
+    k = _logprobs_k(body.logprobs, body.top_logprobs)
+    messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+    text = _render_chat(engine, messages, ctx.settings.chat_template)
+    prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    params = sampling_from_options(body.options, len(prompt_ids), engine.max_model_len, k)
+    request_id = f"ollama-chat-{int(started * 1e6):x}-{id(body):x}"
+    gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.chat"))
+    model = body.model
+    deltas = _Deltas(k, engine.tokenizer)
+
+    def shape(text: str, lps, done: bool, extra: dict | None) -> dict:
+        line = {"model": model, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": text}}
+        line["done"] = done
+        if lps is not None:
+            line["logprobs"] = lps
+        return {**line, **(extra or {})}
+
+    def final(out: RequestOutput) -> dict:
+        return shape("", None, True, final_stats(out, started, waited))
+
+    if body.stream:
+        return StreamingResponse(_ndjson(gen, shape, final, deltas), media_type=NDJSON)
+    out = await unless_disconnected(request, collect(gen))
+    text, lps = _Deltas(k, engine.tokenizer).next(out)
+    reply = final(out)
+    reply["message"]["content"] = text
+    if lps is not None:
+        reply["logprobs"] = lps
+    return JSONResponse(reply)
+
+
+# -- the model store ----------------------------------------------------------------------------------------------
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.isoformat().replace("+00:00", "Z")
+    return str(value) if value else now_rfc3339()
+
+
+def tag_entry(entry: Any, name: str | None = None) -> dict:
+    """A store entry (turbofan.store.StoreEntry) in the shape of one `/api/tags` model."""
+    name = name or entry.name
+    family = entry.family or entry.model_type or ""
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": _iso(entry.modified_at),
+        "size": int(entry.size or 0),
+        "digest": entry.digest or "",
+        "details": {
+            "parent_model": "",
+            "format": entry.format or "safetensors",
+            "family": family,
+            "families": [family] if family else None,
+            "parameter_size": entry.parameter_size or "",
+            "quantization_level": entry.quantization or "",
+        },
+    }
+
+
+async def _store_call(fn, *args, **kwargs):
+    from turbofan.store.errors import ModelNotFoundError, StoreError
+
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except ModelNotFoundError as exc:
+        raise APIError(404, str(exc)) from None
+    except StoreError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+async def served_info(ctx: ServerContext):
+    """The store's description (turbofan.store.ModelInfo) of the model being served, computed once."""
+    cached = ctx._served_info
+    if cached is None:
+        engine = ctx.state.engine
+        path = engine.container.get("model_path") if hasattr(engine, "container") else engine.config.model
+        cached = await _store_call(ctx.store.show, str(path))
+        ctx._served_info = cached
+    return cached
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict:
+    """The served model first (UIs pick models from this list), then everything else in the store."""
+    ctx = ctx_of(request)
+    models = []
+    if ctx.state.engine is not None:
+        models.append(tag_entry((await served_info(ctx)).entry, ctx.model_name))
+    seen = {m["name"] for m in models}
+    models += [e for e in map(tag_entry, await _store_call(ctx.store.list)) if e["name"] not in seen]
+    return {"models": models}
+
+
+def _weights_bytes(engine) -> int:
+    cached = getattr(engine, "_turbofan_weight_bytes", None)
+    if cached is None:
+        model = engine.runner.model
+        cached = sum(p.numel() * p.element_size() for p in model.parameters())
+        cached += sum(b.numel() * b.element_size() for b in model.buffers())
+        engine._turbofan_weight_bytes = cached
+    return cached
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict:
+    ctx = ctx_of(request)
+    engine = ctx.state.engine
+    if engine is None:
+        return {"models": []}
+    entry = tag_entry((await served_info(ctx)).entry, ctx.model_name)
+    size = _weights_bytes(engine) + int(getattr(engine.runner, "kv_cache_bytes", 0))
+    on_gpu = str(getattr(engine.runner, "device", "cpu")).startswith("cuda")
+    entry.pop("modified_at")
+    entry.update(
+        size=size,
+        size_vram=size if on_gpu else 0,
+        expires_at=NEVER,  # the model stays loaded while the server runs (keep_alive is ignored)
+        context_length=engine.max_model_len,
+    )
+    return {"models": [entry]}
+
+
+@router.post("/api/show")
+async def show(body: NameRequest, request: Request) -> dict:
+    ctx = ctx_of(request)
+    name = body.target
+    serving = ctx.accepts(name) and ctx.state.engine is not None
+    info = await served_info(ctx) if serving else await _store_call(ctx.store.show, name)
+    entry = info.entry
+    family = entry.family or entry.model_type or "unknown"
+    template = info.chat_template or ""
+    context = entry.context_length
+    if serving:
+        engine = ctx.state.engine
+        template = ctx.settings.chat_template or engine.tokenizer.hf.chat_template or template
+        context = engine.max_model_len
+    config = info.config or {}
+    model_info = {
+        "general.architecture": family,
+        "general.parameter_count": entry.parameters,
+        f"{family}.context_length": context,
+        f"{family}.embedding_length": config.get("hidden_size"),
+        f"{family}.block_count": config.get("num_hidden_layers"),
+        f"{family}.attention.head_count": config.get("num_attention_heads"),
+        f"{family}.attention.head_count_kv": config.get("num_key_value_heads"),
+        f"{family}.vocab_size": config.get("vocab_size"),
+    }
+    generation = info.generation_config or {}
+    params = {**DEFAULTS, **{k: generation[k] for k in ("temperature", "top_k", "top_p") if k in generation}}
+    return {
+        "license": info.license or "",
+        "modelfile": f"# Modelfile generated by turbofan\nFROM {entry.source}\n",
+        "parameters": "\n".join(f"{k:<16}{v}" for k, v in params.items()),
+        "template": template,
+        "details": tag_entry(entry)["details"],
+        "model_info": {k: v for k, v in model_info.items() if v is not None},
+        "capabilities": ["completion"],
+        "modified_at": _iso(entry.modified_at),
+    }
+
+
+@router.post("/api/pull")
+async def pull(body: NameRequest, request: Request):
+    """The store reports no byte-level progress, so the stream gives Ollama's phases and a heartbeat."""
+    ctx = ctx_of(request)
+    name = body.target
+    task = asyncio.create_task(_store_call(ctx.store.pull, name, progress=False))
+    if not body.stream:
+        resolved = await task
+        return {"status": "success", "digest": getattr(resolved, "digest", "")}
+
+    async def lines() -> AsyncIterator[str]:
+        yield _line({"status": "pulling manifest"})
+        started = time.time()
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=1.0)
+                if not done:
+                    yield _line({"status": f"pulling {name}", "elapsed_s": round(time.time() - started)})
+            resolved = task.result()
+        except APIError as exc:
+            yield _line({"error": exc.message})
+            return
+        except Exception as exc:  # noqa: BLE001 — reported on the stream
+            yield _line({"error": f"pull failed: {exc}"})
+            return
+        finally:
+            if not task.done():
+                task.cancel()
+        digest = getattr(resolved, "digest", "")
+        yield _line({"status": "verifying sha256 digest", "digest": digest})
+        yield _line({"status": "writing manifest"})
+        yield _line({"status": "success"})
+
+    return StreamingResponse(lines(), media_type=NDJSON)
+
+
+@router.delete("/api/delete")
+async def delete(body: NameRequest, request: Request):
+    ctx = ctx_of(request)
+    await _store_call(ctx.store.remove, body.target)
+    return Response(status_code=200)
+
+
+@router.get("/api/version")
+async def version() -> dict:
+    return {"version": turbofan.__version__}
+
+
+@router.get("/", include_in_schema=False)
+@router.head("/", include_in_schema=False)
+async def root() -> PlainTextResponse:
+    return PlainTextResponse("turbofan is running")

@@ -1,0 +1,603 @@
+"""OpenAI-compatible routes (as vLLM serves them): models, chat and text completions, tokenize, version.
+
+Streaming is Server-Sent Events ending in `data: [DONE]`. Outputs from the engine are cumulative; each chunk
+carries the difference from what this stream has already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+import turbofan
+from turbofan.engine import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from turbofan.server.errors import APIError, bad_request, openai_error_body
+from turbofan.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    TokenizeRequest,
+    random_id,
+)
+from turbofan.server.serving import (
+    Generation,
+    ServerContext,
+    collect,
+    make_params,
+    merge,
+    start_all,
+    start_generation,
+    unless_disconnected,
+)
+
+router = APIRouter()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def ctx_of(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def finite(x: float) -> float:
+    """JSON has no -inf: vLLM reports impossible tokens as -9999."""
+    return max(x, -9999.0) if not math.isnan(x) else -9999.0
+
+
+# -- request → SamplingParams -------------------------------------------------------------------------------------
+def _logit_bias_processor(bias: dict[str, float], vocab_size: int) -> Callable:
+    import torch
+
+    ids, vals = [], []
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise bad_request(f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size})", "logit_bias")
+        ids.append(token)
+        vals.append(max(-100.0, min(100.0, float(value))))
+    index, delta = torch.tensor(ids), torch.tensor(vals)
+
+    def apply(_tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_add(0, index, delta.to(logits.dtype))
+
+    return apply
+
+
+def sampling_params(
+    body: SamplingFields, engine, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
+) -> SamplingParams:
+    if body.use_beam_search:
+        raise bad_request("beam search is not available on the server; use the offline LLM API", "use_beam_search")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request(f"best_of other than n is not supported (n={body.n}, best_of={body.best_of})", "best_of")
+    if body.n > 128:
+        raise bad_request(f"n must be at most 128, got {body.n}", "n")
+    processors = []
+    if body.logit_bias:
+        processors.append(_logit_bias_processor(body.logit_bias, engine.tokenizer.vocab_size))
+    kwargs: dict[str, Any] = dict(
+        n=body.n,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=-1 if body.top_k is None else body.top_k,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        seed=body.seed,
+        stop=body.stop,
+        stop_token_ids=body.stop_token_ids,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        ignore_eos=body.ignore_eos,
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+        length_penalty=body.length_penalty,
+        logits_processors=processors,
+    )
+    if body.repeat_last_n is not None:
+        kwargs["repeat_last_n"] = body.repeat_last_n
+    return make_params(**kwargs)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached} if cached else None,
+    }
+
+
+# -- logprobs in OpenAI's two shapes ------------------------------------------------------------------------------
+def _token_text(token: int, lp: Logprob, tokenizer) -> str:
+    return lp.decoded_token if lp.decoded_token is not None else tokenizer.decode_token(token)
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], k: int, tokenizer) -> list[dict]:
+    """Chat shape: per token {token, logprob, bytes, top_logprobs: the k most likely}."""
+    content = []
+    for token, entry in zip(token_ids, entries):
+        chosen = entry.get(token)
+        text = _token_text(token, chosen, tokenizer) if chosen else tokenizer.decode_token(token)
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+        top = []
+        for tid, lp in ranked:
+            if len(top) >= k:
+                break
+            if lp.rank is not None and lp.rank > k:
+                continue
+            t = _token_text(tid, lp, tokenizer)
+            top.append({"token": t, "logprob": finite(lp.logprob), "bytes": list(t.encode("utf-8"))})
+        content.append(
+            {
+                "token": text,
+                "logprob": finite(chosen.logprob) if chosen else -9999.0,
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": top,
+            }
+        )
+    return content
+
+
+def completion_logprobs(
+    token_ids: list[int], entries: list[dict[int, Logprob] | None], tokenizer, offset: int
+) -> dict:
+    """Completions shape: parallel lists; each top_logprobs dict holds the top-k plus the sampled token."""
+    out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+    for token, entry in zip(token_ids, entries):
+        chosen = entry.get(token) if entry else None
+        text = _token_text(token, chosen, tokenizer) if chosen else tokenizer.decode_token(token)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(finite(chosen.logprob) if chosen else None)
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+        out["top_logprobs"].append({_token_text(t, lp, tokenizer): finite(lp.logprob) for t, lp in ranked})
+    return out
+
+
+# -- routes -------------------------------------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    ctx = ctx_of(request)
+    engine = (await ctx.state.wait()).engine
+    root = str(engine.config.model)
+    cards = [ModelCard(id=name, root=root, max_model_len=engine.max_model_len) for name in ctx.served_names]
+    return ModelList(data=cards)
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    ctx = ctx_of(request)
+    await ctx.require_model(model_id)
+    engine = (await ctx.state.wait()).engine
+    return ModelCard(id=model_id, root=str(engine.config.model), max_model_len=engine.max_model_len)
+
+
+@router.get("/version")
+@router.get("/v1/version")
+async def version() -> dict:
+    return {"version": turbofan.__version__}
+
+
+def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    out = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type not in ("text", "input_text"):
+                    raise bad_request(f"content parts of type {part.type!r} are not supported (text only)", "messages")
+                texts.append(part.text or "")
+            content = "\n".join(texts)
+        d: dict[str, Any] = {"role": m.role, "content": content or ""}
+        extra = m.model_extra or {}
+        for key in ("tool_calls", "tool_call_id"):
+            if key in extra:
+                d[key] = extra[key]
+        if m.name:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def render_chat(engine, messages: list[dict], template: str | None, **kwargs) -> str:
+    try:
+        return engine.tokenizer.apply_chat_template(messages, chat_template=template, **kwargs)
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    except Exception as exc:  # jinja errors: the template rejected these messages
+        raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    ctx = ctx_of(request)
+    await ctx.require_model(body.model)
+    engine = (await ctx.state.wait()).engine
+    if not body.messages:
+        raise bad_request("messages must contain at least one message", "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        raise bad_request(f"top_logprobs must be between 0 and 20, got {body.top_logprobs}", "top_logprobs")
+    messages = _message_dicts(body.messages)
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if body.continue_final_message:
+        template_kwargs["continue_final_message"] = True
+    prompt = render_chat(
+        engine,
+        messages,
+        body.chat_template or ctx.settings.chat_template,
+        add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+        **template_kwargs,
+    )
+    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(
+        body,
+        engine,
+        max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+        logprobs=k,
+        prompt_logprobs=body.prompt_logprobs,
+    )
+    echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
+    request_id = random_id("chatcmpl")
+    gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "openai.chat"))
+    name = body.model or ctx.model_name
+    if body.stream:
+        stream = chat_stream(gen, name, request_id, body, engine.tokenizer, echo)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    final = await unless_disconnected(request, collect(gen))
+    return JSONResponse(chat_response(final, name, request_id, k, engine.tokenizer, echo))
+
+
+def chat_response(final: RequestOutput, model: str, request_id: str, k: int | None, tokenizer, echo: str) -> dict:
+    choices = []
+    for c in final.outputs:
+        logprobs = None
+        if k is not None and c.logprobs is not None:
+            logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, k, tokenizer), "refusal": None}
+        choices.append(
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": echo + c.text, "refusal": None, "tool_calls": []},
+                "logprobs": logprobs,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+        )
+    completion = sum(len(c.token_ids) for c in final.outputs)
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(final.metrics.arrival_time),
+        "model": model,
+        "choices": choices,
+        "usage": usage(len(final.prompt_token_ids), completion, final.num_cached_tokens),
+        "system_fingerprint": None,
+        "prompt_logprobs": _prompt_logprobs_json(final.prompt_logprobs),
+    }
+
+
+def _prompt_logprobs_json(prompt_logprobs) -> list | None:
+    if prompt_logprobs is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {
+            str(t): {"logprob": finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for t, lp in entry.items()
+        }
+        for entry in prompt_logprobs
+    ]
+
+
+async def chat_stream(
+    gen: Generation, model: str, request_id: str, body: ChatCompletionRequest, tokenizer, echo: str
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
+
+    def chunk(choices: list[dict], usage_: dict | None = None) -> str:
+        payload = {**head, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage_
+        return sse(payload)
+
+    n = body.n
+    sent_text = [0] * n
+    sent_lp = [0] * n
+    done = [False] * n
+    prompt_tokens = 0
+    try:
+        for i in range(n):
+            role = {"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None, "finish_reason": None}
+            yield chunk([role])
+        async for out in gen:
+            prompt_tokens = len(out.prompt_token_ids)
+            choices = []
+            for c in out.outputs:
+                choice = _chat_delta(c, sent_text, sent_lp, done, k, tokenizer)
+                if choice is not None:
+                    choices.append(choice)
+            if choices:
+                tokens = sum(len(c.token_ids) for c in out.outputs)
+                yield chunk(choices, usage(prompt_tokens, tokens) if continuous else None)
+            if out.finished and include_usage:
+                tokens = sum(len(c.token_ids) for c in out.outputs)
+                yield chunk([], usage(prompt_tokens, tokens, out.num_cached_tokens))
+    except APIError as exc:
+        yield sse(openai_error_body(exc.status, exc.message, exc.param, exc.code))
+    yield "data: [DONE]\n\n"
+
+
+def _chat_delta(c: CompletionOutput, sent_text, sent_lp, done, k, tokenizer) -> dict | None:
+    i = c.index
+    if done[i]:
+        return None
+    text = c.text[sent_text[i] :]
+    sent_text[i] = max(sent_text[i], len(c.text))
+    logprobs = None
+    n = len(c.token_ids)  # the engine may already have appended more logprobs than this output's tokens
+    if k is not None and c.logprobs is not None and n > sent_lp[i]:
+        new = chat_logprobs(c.token_ids[sent_lp[i] : n], c.logprobs[sent_lp[i] : n], k, tokenizer)
+        sent_lp[i] = n
+        logprobs = {"content": new, "refusal": None}
+    finished = c.finish_reason is not None
+    if not text and logprobs is None and not finished:
+        return None
+    done[i] = finished
+    return {
+        "index": i,
+        "delta": {"content": text} if text or not finished else {},
+        "logprobs": logprobs,
+        "finish_reason": c.finish_reason,
+        "stop_reason": c.stop_reason,
+    }
+
+
+# -- completions --------------------------------------------------------------------------------------------------
+def completion_prompts(body: CompletionRequest, tokenizer) -> tuple[list[list[int]], list[str | None]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        texts: list[str | None] = [prompt]
+    elif not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    elif all(isinstance(p, int) for p in prompt):
+        return [list(prompt)], [None]
+    elif all(isinstance(p, str) for p in prompt):
+        texts = list(prompt)
+    else:
+        for p in prompt:
+            if not p:
+                raise bad_request("prompt must not contain an empty token list", "prompt")
+        return [list(p) for p in prompt], [None] * len(prompt)
+    return [tokenizer.encode(t, add_special_tokens=body.add_special_tokens) for t in texts], texts
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    ctx = ctx_of(request)
+    await ctx.require_model(body.model)
+    engine = (await ctx.state.wait()).engine
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.logprobs is not None and not 0 <= body.logprobs <= 20:
+        raise bad_request(f"logprobs must be between 0 and 20, got {body.logprobs}", "logprobs")
+    prompts, texts = completion_prompts(body, engine.tokenizer)
+    echo_only = body.echo and body.max_tokens == 0  # lm-eval's loglikelihood: prompt logprobs, no generation
+    max_tokens = 1 if echo_only else body.max_tokens
+    want_prompt_lp = body.logprobs if body.echo and body.logprobs is not None else body.prompt_logprobs
+    params = sampling_params(
+        body, engine, max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=want_prompt_lp
+    )
+
+    def make(i: int) -> SamplingParams:  # the engine fills in max_tokens per prompt, so each gets its own copy
+        return params if i == 0 else dataclasses.replace(params)
+
+    request_id = random_id("cmpl")
+    gens = await unless_disconnected(request, start_all(ctx, prompts, make, request_id, "openai.completions"))
+    name = body.model or ctx.model_name
+    shaper = CompletionShaper(body, engine.tokenizer, prompts, texts, echo_only)
+    if body.stream:
+        stream = completion_stream(gens, name, request_id, body, shaper)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def gather_all() -> list[RequestOutput]:
+        return list(await asyncio.gather(*(collect(g) for g in gens)))
+
+    finals = await unless_disconnected(request, gather_all())
+    choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
+    for p, final in enumerate(finals):
+        prompt_tokens += len(final.prompt_token_ids)
+        cached += final.num_cached_tokens
+        for c in final.outputs:
+            choices.append(shaper.full_choice(p, c, final))
+            completion_tokens += 0 if echo_only else len(c.token_ids)
+    return JSONResponse(
+        {
+            "id": request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens, cached),
+            "system_fingerprint": None,
+        }
+    )
+
+
+class CompletionShaper:
+    """Builds completion choices (text, echo, logprobs) for whole responses and for stream deltas."""
+
+    def __init__(self, body: CompletionRequest, tokenizer, prompts, texts, echo_only: bool):
+        self.body = body
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.texts = [t if t is not None else tokenizer.decode(ids, skip_special_tokens=False) for ids, t in
+                      zip(prompts, texts)]  # fmt: skip
+        self.echo_only = echo_only
+
+    def _prompt_part(self, p: int, final: RequestOutput) -> tuple[str, dict | None]:
+        text = self.texts[p]
+        if self.body.logprobs is None:
+            return text, None
+        entries = final.prompt_logprobs or [None] * len(self.prompts[p])
+        return text, completion_logprobs(self.prompts[p], entries, self.tokenizer, 0)
+
+    def full_choice(self, p: int, c: CompletionOutput, final: RequestOutput) -> dict:
+        text, logprobs = "", None
+        if self.body.echo:
+            text, logprobs = self._prompt_part(p, final)
+        offset = len(text)
+        if not self.echo_only:
+            text += c.text
+            if self.body.logprobs is not None and c.logprobs is not None:
+                gen_lp = completion_logprobs(c.token_ids, c.logprobs, self.tokenizer, offset)
+                logprobs = gen_lp if logprobs is None else {k: logprobs[k] + gen_lp[k] for k in logprobs}
+        return {
+            "index": p * self.body.n + c.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+            "prompt_logprobs": _prompt_logprobs_json(final.prompt_logprobs) if self.body.prompt_logprobs else None,
+        }
+
+
+async def completion_stream(
+    gens: list[Generation], model: str, request_id: str, body: CompletionRequest, shaper: CompletionShaper
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+    n = body.n
+    total = len(gens) * n
+    sent_text = [0] * total
+    sent_lp = [0] * total
+    offsets = [0] * total
+    echoed = [False] * total
+    done = [False] * total
+    prompt_tokens: dict[int, int] = {}
+    completion_tokens: dict[int, int] = {}
+
+    def chunk(choices: list[dict], usage_: dict | None = None) -> str:
+        payload = {**head, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage_
+        return sse(payload)
+
+    try:
+        async for p, out in merge(gens):
+            prompt_tokens[p] = len(out.prompt_token_ids)
+            completion_tokens[p] = 0 if shaper.echo_only else sum(len(c.token_ids) for c in out.outputs)
+            choices = []
+            for c in out.outputs:
+                i = p * n + c.index
+                if done[i]:
+                    continue
+                text, logprobs = "", None
+                if body.echo and not echoed[i]:
+                    echoed[i] = True
+                    text, logprobs = shaper._prompt_part(p, out)
+                    offsets[i] = len(text)
+                if not shaper.echo_only:
+                    new_text = c.text[sent_text[i] :]
+                    sent_text[i] = max(sent_text[i], len(c.text))
+                    n_tok = len(c.token_ids)  # logprobs may run ahead of this output's tokens
+                    if body.logprobs is not None and c.logprobs is not None and n_tok > sent_lp[i]:
+                        lp = completion_logprobs(
+                            c.token_ids[sent_lp[i] : n_tok], c.logprobs[sent_lp[i] : n_tok], shaper.tokenizer,
+                            offsets[i] + len(text),
+                        )  # fmt: skip
+                        sent_lp[i] = n_tok
+                        logprobs = lp if logprobs is None else {k: logprobs[k] + lp[k] for k in logprobs}
+                    offsets[i] += len(new_text)
+                    text += new_text
+                finished = c.finish_reason is not None
+                if not text and logprobs is None and not finished:
+                    continue
+                done[i] = finished
+                choices.append(
+                    {
+                        "index": i,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                )
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            yield chunk([], usage(sum(prompt_tokens.values()), sum(completion_tokens.values())))
+    except APIError as exc:
+        yield sse(openai_error_body(exc.status, exc.message, exc.param, exc.code))
+    yield "data: [DONE]\n\n"
+
+
+# -- tokenizer endpoints ------------------------------------------------------------------------------------------
+@router.post("/tokenize")
+@router.post("/v1/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    ctx = ctx_of(request)
+    await ctx.require_model(body.model)
+    engine = (await ctx.state.wait()).engine
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("give exactly one of prompt or messages", "prompt")
+    if body.messages is not None:
+        text = render_chat(
+            engine,
+            _message_dicts(body.messages),
+            ctx.settings.chat_template,
+            add_generation_prompt=body.add_generation_prompt,
+        )
+        tokens = engine.tokenizer.encode(text, add_special_tokens=False)
+    else:
+        tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    strs = [engine.tokenizer.decode_token(t) for t in tokens] if body.return_token_strs else None
+    return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens, "token_strs": strs}
+
+
+@router.post("/detokenize")
+@router.post("/v1/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    ctx = ctx_of(request)
+    await ctx.require_model(body.model)
+    engine = (await ctx.state.wait()).engine
+    vocab = engine.tokenizer.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "tokens")
+    return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}

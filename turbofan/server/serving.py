@@ -1,0 +1,315 @@
+"""What both APIs share: the served model's names, starting a request, and accounting for it when it ends.
+
+A `Generation` is started (and its first output awaited) before any response is sent, so a bad prompt or a
+full queue answers with its proper status instead of an error in the middle of a 200 stream. When the request
+ends — finished, failed, or abandoned by a client that went away — it is counted in the metrics and logged as
+one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from turbofan.engine import EngineDeadError, QueueFullError, RequestOutput, SamplingParams
+from turbofan.server.errors import APIError
+from turbofan.server.metrics import ServerMetrics
+from turbofan.server.settings import ServerSettings
+from turbofan.server.state import EngineState
+
+request_log = logging.getLogger("turbofan.requests")
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+@dataclass
+class ServerContext:
+    state: EngineState
+    settings: ServerSettings
+    metrics: ServerMetrics = field(init=False)
+    started_at: float = field(default_factory=time.time)
+    _store: Any = None
+    _served_info: Any = None  # the store's description of the served model (ollama_api.served_info)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(self.state, lambda: self.model_name)
+
+    # -- names ------------------------------------------------------------------------------------------------
+    @property
+    def served_names(self) -> list[str]:
+        if self.settings.served_model_names:
+            return list(self.settings.served_model_names)
+        if self.state.engine is not None:
+            return [self.state.engine.model_name]
+        return ["unknown"]
+
+    @property
+    def model_name(self) -> str:
+        return self.served_names[0]
+
+    def accepts(self, name: str | None) -> bool:
+        """OpenAI clients must name a served model (or none); Ollama's default-tag spellings are tolerated."""
+        if not name:
+            return True
+        names = set(self.served_names)
+        if self.state.engine is not None:
+            names.add(self.state.engine.model_name)
+            names.add(str(self.state.engine.config.model))
+        if name in names:
+            return True
+        base, _, tag = name.partition(":")
+        if tag == "latest" and base in names:
+            return True
+        try:  # Ollama's rule: `smollm2` and `smollm2:latest` mean the catalogue's default tag
+            from turbofan.store import catalogue_name
+
+            return catalogue_name(name) in names
+        except Exception:
+            return False
+
+    async def require_model(self, name: str | None) -> None:
+        """404 unless `name` is served; waits for the engine first so its own name can count."""
+        if self.settings.served_model_names and self.accepts(name):
+            return
+        await self.state.wait()
+        if not self.accepts(name):
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist. This server serves: {', '.join(self.served_names)}.",
+                param="model",
+                code="model_not_found",
+            )
+
+    @property
+    def store(self):
+        if self._store is None:
+            from turbofan.store import ModelStore
+
+            self._store = ModelStore(self.settings.models_dir)
+        return self._store
+
+
+# -- requests -----------------------------------------------------------------------------------------------------
+def make_params(**kwargs: Any) -> SamplingParams:
+    """SamplingParams from request fields; its own validation messages become 400s."""
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc)) from None
+
+
+class Generation:
+    """One engine request as an async stream of cumulative outputs, with its accounting."""
+
+    def __init__(self, ctx: ServerContext, agen: AsyncIterator[RequestOutput], request_id: str, api: str):
+        self.ctx = ctx
+        self.agen = agen
+        self.request_id = request_id
+        self.api = api
+        self.first: RequestOutput | None = None
+        self.last: RequestOutput | None = None
+        self.started = time.time()
+        self._recorded = False
+        self._last_time = self.started
+        self._last_tokens = 0
+
+    async def _prime(self) -> None:
+        try:
+            self.first = await self.agen.__anext__()
+        except StopAsyncIteration:
+            raise APIError(500, "the engine ended the request without output") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        except QueueFullError as exc:
+            self.ctx.metrics.rejected.labels(self.ctx.model_name, "queue_full").inc()
+            raise APIError(503, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), code="engine_dead") from None
+        self._observe(self.first)
+
+    def _observe(self, out: RequestOutput) -> None:
+        self.last = out
+        now = time.time()
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        if self._last_tokens and tokens > self._last_tokens:  # the first token is TTFT, not ITL
+            self.ctx.metrics.observe_itl(now - self._last_time, tokens - self._last_tokens)
+        if tokens > self._last_tokens:
+            self._last_time, self._last_tokens = now, tokens
+        if out.finished:
+            self._record()
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            if self.first is not None:
+                yield self.first
+                if self.first.finished:
+                    return
+            async for out in self.agen:
+                self._observe(out)
+                yield out
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), code="engine_dead") from None
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Abort the request if it is still running (the engine frees its KV blocks) and account for it."""
+        with contextlib.suppress(Exception):
+            await self.agen.aclose()
+        self._record()
+
+    def _record(self) -> None:
+        if self._recorded or self.last is None:
+            return
+        self._recorded = True
+        out = self.last
+        if not out.finished:  # abandoned: count it as aborted, as the engine does
+            out.metrics.finished_time = out.metrics.finished_time or time.time()
+            for c in out.outputs:
+                c.finish_reason = c.finish_reason or "abort"
+        self.ctx.metrics.observe_finished(out)
+        log_request(out, self.api, self.ctx.model_name)
+
+
+def log_request(out: RequestOutput, api: str, model: str) -> None:
+    m = out.metrics
+    end = m.finished_time or time.time()
+    generated = sum(len(c.token_ids) for c in out.outputs)
+    e2e = end - m.arrival_time
+    decode = end - m.first_token_time if m.first_token_time else None
+    reasons = sorted({c.finish_reason or "abort" for c in out.outputs})
+
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, 4)
+
+    request_log.info(
+        "request finished",
+        extra={
+            "request_id": out.request_id,
+            "api": api,
+            "model": model,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "cached_tokens": out.num_cached_tokens,
+            "output_tokens": generated,
+            "n": len(out.outputs),
+            "queue_time": r(m.queue_time),
+            "ttft": r(m.time_to_first_token),
+            "e2e": r(e2e),
+            "tokens_per_s": round(generated / e2e, 2) if e2e > 0 else None,
+            "decode_tokens_per_s": round((generated - len(out.outputs)) / decode, 2) if decode else None,
+            "finish_reason": reasons[0] if len(reasons) == 1 else reasons,
+        },
+    )
+
+
+async def start_generation(
+    ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str, api: str
+) -> Generation:
+    """Submit and wait for the first output, so errors surface before a response status is chosen."""
+    engine = await ctx.state.wait()
+    gen = Generation(ctx, engine.generate(prompt_ids, params, request_id), request_id, api)
+    try:
+        await gen._prime()
+    except BaseException:
+        await gen.close()
+        raise
+    return gen
+
+
+async def start_all(
+    ctx: ServerContext, prompts: list[list[int]], make: Callable[[int], SamplingParams], base_id: str, api: str
+) -> list[Generation]:
+    """Several prompts (a completions batch) start together; if one fails, the others are aborted."""
+    ids = [base_id if len(prompts) == 1 else f"{base_id}-{i}" for i in range(len(prompts))]
+    tasks = [asyncio.ensure_future(start_generation(ctx, p, make(i), ids[i], api)) for i, p in enumerate(prompts)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                gen = await t
+                await gen.close()
+        raise
+
+
+async def collect(gen: Generation) -> RequestOutput:
+    last = gen.first
+    async for out in gen:
+        last = out
+    assert last is not None
+    return last
+
+
+async def merge(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several generations' outputs as they come: (prompt index, output)."""
+    if len(gens) == 1:
+        async for out in gens[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for out in gen:
+                await queue.put((i, out))
+        except BaseException as exc:  # noqa: BLE001 — handed to the consumer
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for g in gens:
+            await g.close()
+
+
+# -- client disconnects --------------------------------------------------------------------------------------------
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client disconnects first (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we were cancelled ourselves
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise ClientDisconnected()
+    return task.result()

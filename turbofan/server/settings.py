@@ -1,0 +1,30 @@
+"""ServerSettings: what the HTTP layer needs that the engine does not (auth, CORS, names, queue bound)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Browsers on this machine may call the API; others need --allowed-origins.
+LOCAL_ORIGIN_REGEX = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+@dataclass
+class ServerSettings:
+    api_key: str | None = None
+    allowed_origins: list[str] | None = None  # None: localhost origins only; ["*"]: any origin
+    served_model_names: list[str] = field(default_factory=list)  # empty: the engine's model name
+    max_waiting: int = 256
+    chat_template: str | None = None  # overrides the tokenizer's template
+    stats_interval: float = 10.0  # seconds between engine-stats log lines; 0 turns them off
+    models_dir: str | None = None  # the model store (for /api/tags, /api/pull, ...); None: its default
+    debug_endpoints: bool = True  # GET /debug/engine (KV blocks, queues) for tests and operators
+
+    def cors_options(self) -> dict:
+        """Keyword arguments for Starlette's CORSMiddleware."""
+        common = dict(allow_methods=["*"], allow_headers=["*"], allow_credentials=False, max_age=600)
+        origins = [o.strip() for o in (self.allowed_origins or []) if o.strip()]
+        if not origins:
+            return dict(allow_origins=[], allow_origin_regex=LOCAL_ORIGIN_REGEX, **common)
+        if "*" in origins:
+            return dict(allow_origins=["*"], **common)
+        return dict(allow_origins=origins, **common)
