@@ -66,6 +66,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiering", choices=["off", "on"], default="off", help="compile hot shapes in the background")
     p.add_argument("--tier-threshold", type=int, default=32, help="calls before a shape is compiled")
     p.add_argument("--profile", action="store_true", help="count calls and time per component method")
+    p.add_argument(
+        "--quantization", choices=["int8"], default=None, help="int8 weights on CPU: faster, not bit-comparable"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +154,7 @@ def engine_config(args: argparse.Namespace, served_name: str | None = None):
         tiering=args.tiering,
         tier_threshold=args.tier_threshold,
         profile=args.profile,
+        quantization=getattr(args, "quantization", None),
         log_stats_interval=getattr(args, "stats_interval", 0.0),
     )
 
@@ -192,6 +196,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.Config(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=5)
     )
     server.run()
+    engine = app.state.ctx.state.engine
+    if engine is not None and getattr(engine, "profiler", None) is not None:
+        print(engine.profiler.render())  # seed 002: the per-method table when the server stops
     return 0
 
 

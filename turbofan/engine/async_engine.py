@@ -62,6 +62,11 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
 
     @property
+    def dead(self) -> BaseException | None:
+        """The error that stopped the engine loop, or None while it is healthy."""
+        return self._dead
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 

@@ -77,7 +77,7 @@ class Sequence:
             text=text,
             token_ids=list(self.output_token_ids),
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-            logprobs=self.logprobs,
+            logprobs=None if self.logprobs is None else list(self.logprobs),  # the engine keeps appending
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )

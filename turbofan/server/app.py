@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import os
+import tempfile
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -84,7 +87,7 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.ready:
-            dead = getattr(state.async_engine, "_dead", None)  # the engine loop stopped after an error
+            dead = state.async_engine.dead  # the engine loop stopped after an error
             if dead is not None:
                 return JSONResponse({"status": "error", "error": f"engine stopped: {dead}"}, status_code=503)
             return JSONResponse({"status": "ok"})
@@ -106,6 +109,39 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
             stats = dataclasses.asdict(ae.engine.stats())
             stats["in_flight"] = ae.num_in_flight
             return stats
+
+        @app.get("/debug/tiers")
+        async def debug_tiers() -> dict:
+            """The tiering table: key, calls, tier, compile time, eager vs compiled ms per step."""
+            ae = await state.wait()
+            tiers = ae.engine.runner.forward_fn
+            if not hasattr(tiers, "table"):
+                return {"tiering": "off", "tiers": []}
+            return {
+                "tiering": "on",
+                "tiers": tiers.table(),
+                "tier_calls": dict(tiers.tier_calls),
+                "deopts": dict(tiers.deopts),
+                "compile_seconds_total": round(tiers.compile_seconds_total, 2),
+            }
+
+        @app.get("/debug/profile")
+        async def debug_profile() -> JSONResponse:
+            """Calls and time per component method (needs `--profile`)."""
+            ae = await state.wait()
+            profiler = getattr(ae.engine, "profiler", None)
+            if profiler is None:
+                return JSONResponse({"error": "profiling is off: start the server with --profile"}, status_code=404)
+            return JSONResponse({"methods": profiler.table()})
+
+        @app.post("/debug/profile/torch")
+        async def debug_profile_torch(steps: int = 8) -> JSONResponse:
+            """Record the next `steps` engine steps with torch.profiler: top ops by self time, and a Chrome trace."""
+            if not 1 <= steps <= 1000:
+                return JSONResponse({"error": f"steps must be between 1 and 1000, got {steps}"}, status_code=400)
+            ae = await state.wait()
+            trace = os.path.join(tempfile.gettempdir(), f"turbofan-trace-{int(time.time())}.json")
+            return JSONResponse(await ae.profile_torch(steps, trace))
 
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)

@@ -80,12 +80,24 @@ class EngineCollector(Collector):
         steps = getattr(s, "steps_total", None)
         if steps is not None:
             yield counter("turbofan:engine_steps", "Engine steps run.", steps)
-        extra = getattr(engine, "prometheus_families", None)  # hook: engine parts (tiers, ...) add their own
-        if callable(extra):
-            try:
-                yield from extra()
-            except Exception:
-                log.debug("engine prometheus_families failed", exc_info=True)
+        yield from self._tiers(engine, name)
+
+    @staticmethod
+    def _tiers(engine, name: str) -> Iterable[Metric]:
+        tiers = engine.runner.forward_fn
+        if not hasattr(tiers, "tier_calls"):
+            return
+        calls = CounterMetricFamily("turbofan:tier_calls", "Forward steps run per tier.", labels=["model_name", "tier"])
+        for tier in ("0", "1"):
+            calls.add_metric([name, tier], tiers.tier_calls.get(tier, 0))
+        yield calls
+        deopts = CounterMetricFamily("turbofan:deopts", "Steps that fell back to tier 0.", labels=["model_name", "reason"])
+        for reason, count in dict(tiers.deopts).items():
+            deopts.add_metric([name, reason], count)
+        yield deopts
+        seconds = CounterMetricFamily("turbofan:compile_seconds", "Seconds spent compiling hot shapes.", labels=["model_name"])
+        seconds.add_metric([name], tiers.compile_seconds_total)
+        yield seconds
 
 
 class ServerMetrics:

@@ -531,22 +531,30 @@ async def show(body: NameRequest, request: Request) -> dict:
 
 @router.post("/api/pull")
 async def pull(body: NameRequest, request: Request):
-    """The store reports no byte-level progress, so the stream gives Ollama's phases and a heartbeat."""
+    """Ollama's pull: NDJSON progress events ({"status", "completed", "total"}) straight from the store."""
     ctx = ctx_of(request)
     name = body.target
-    task = asyncio.create_task(_store_call(ctx.store.pull, name, progress=False))
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict] = asyncio.Queue()
+
+    def report(event: dict) -> None:  # called on the store's worker thread
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    task = asyncio.create_task(_store_call(ctx.store.pull, name, progress=report if body.stream else False))
     if not body.stream:
         resolved = await task
         return {"status": "success", "digest": getattr(resolved, "digest", "")}
 
     async def lines() -> AsyncIterator[str]:
         yield _line({"status": "pulling manifest"})
-        started = time.time()
         try:
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=1.0)
-                if not done:
-                    yield _line({"status": f"pulling {name}", "elapsed_s": round(time.time() - started)})
+            while not (task.done() and events.empty()):
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, task}, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield _line(getter.result())
+                else:
+                    getter.cancel()
             resolved = task.result()
         except APIError as exc:
             yield _line({"error": exc.message})
