@@ -67,3 +67,12 @@ def test_tiers_table_and_metrics(debug_server):
     metrics = debug_server.get("/metrics").text
     assert 'turbofan:tier_calls_total{model_name="tiny",tier="0"}' in metrics
     assert "turbofan:compile_seconds_total" in metrics
+
+
+def test_beam_search_over_http(debug_server):
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 4, "n": 2, "use_beam_search": True, "ignore_eos": True}
+    r = debug_server.post("/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert r.json()["usage"]["completion_tokens"] == 8

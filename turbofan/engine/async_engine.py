@@ -104,6 +104,12 @@ class AsyncEngine:
                 self._commands.put(("abort", request_id))
                 self._wake.set()
 
+    def beam_search(self, prompt: str | list[int], params: SamplingParams, request_id: str):
+        """Beam search as an output stream with one (final) RequestOutput; beams run as concurrent requests."""
+        from turbofan.engine.beam_search import beam_search_async
+
+        return beam_search_async(self, prompt, params, request_id)
+
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
         self._wake.set()

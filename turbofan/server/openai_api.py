@@ -84,10 +84,10 @@ def _logit_bias_processor(bias: dict[str, float], vocab_size: int) -> Callable:
 def sampling_params(
     body: SamplingFields, engine, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
 ) -> SamplingParams:
-    if body.use_beam_search:
-        raise bad_request("beam search is not available on the server; use the offline LLM API", "use_beam_search")
-    if body.best_of is not None and body.best_of != body.n:
-        raise bad_request(f"best_of other than n is not supported (n={body.n}, best_of={body.best_of})", "best_of")
+    if body.best_of is not None and body.best_of != body.n and not body.use_beam_search:
+        raise bad_request(
+            f"best_of other than n needs use_beam_search (n={body.n}, best_of={body.best_of})", "best_of"
+        )
     if body.n > 128:
         raise bad_request(f"n must be at most 128, got {body.n}", "n")
     processors = []
@@ -113,6 +113,8 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=body.skip_special_tokens,
         length_penalty=body.length_penalty,
+        use_beam_search=body.use_beam_search,
+        best_of=body.best_of,
         logits_processors=processors,
     )
     if body.repeat_last_n is not None:

@@ -217,7 +217,8 @@ async def start_generation(
 ) -> Generation:
     """Submit and wait for the first output, so errors surface before a response status is chosen."""
     engine = await ctx.state.wait()
-    gen = Generation(ctx, engine.generate(prompt_ids, params, request_id), request_id, api)
+    start = engine.beam_search if params.use_beam_search else engine.generate
+    gen = Generation(ctx, start(prompt_ids, params, request_id), request_id, api)
     try:
         await gen._prime()
     except BaseException:
