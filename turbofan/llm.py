@@ -16,10 +16,26 @@ from turbofan.engine.params import SamplingParams
 PromptType = str | list[int] | dict
 
 
+def _default_logging() -> None:
+    """Like vLLM, say what was loaded and how (INFO, readable text) unless the application set up logging."""
+    import logging
+
+    if logging.getLogger().handlers or logging.getLogger("turbofan").handlers:
+        return
+    from turbofan.server.logs import TextFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("turbofan")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 class LLM:
     def __init__(self, model: str = "smollm2:135m", plugins: list | None = None, **kwargs):
         from turbofan.assembly import build_engine
 
+        _default_logging()
         self.config = EngineConfig(model=model, **kwargs)
         self.engine: Engine = build_engine(self.config, plugins)
         self._ids = itertools.count()
