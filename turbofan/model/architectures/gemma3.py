@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from turbofan.model.args import ModelArgs, eos_ids, rope_from_hf
+from turbofan.model.architectures import llama
+from turbofan.model.args import ModelArgs, rope_from_hf
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3TextForCausalLM")
 
@@ -30,19 +31,10 @@ def model_args(cfg: dict) -> ModelArgs:
     ropes = _rope_per_type(cfg)
     if cfg.get("attn_logit_softcapping"):
         raise ValueError("Gemma attention logit soft-capping (Gemma 2) is not supported; Gemma 3 does not use it")
-    return ModelArgs(
-        architecture=cfg["architectures"][0],
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
+    return llama.model_args(
+        cfg,
         max_position=cfg.get("max_position_embeddings", 32768),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=cfg.get("tie_word_embeddings", True),
-        attention_bias=cfg.get("attention_bias", False),
         qk_norm=True,
         hidden_act="gelu_tanh",
         attn_scale=cfg.get("query_pre_attn_scalar", head_dim) ** -0.5,
@@ -52,6 +44,4 @@ def model_args(cfg: dict) -> ModelArgs:
         norm_offset=1.0,
         sandwich_norms=True,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_ids(cfg),
     )
