@@ -65,3 +65,9 @@ def _one_torch_thread():
     torch.set_num_threads(int(os.environ.get("TURBOFAN_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tmp_root(tmp_path_factory) -> Path:
+    """One folder for the shared test server (its chain model and model store), whichever module starts it."""
+    return tmp_path_factory.mktemp("server")

@@ -19,11 +19,6 @@ from turbofan import cli
 
 
 @pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cli")
-
-
-@pytest.fixture(scope="module")
 def model(tmp_root) -> Path:
     return chain_model_path(tmp_root)[0]
 

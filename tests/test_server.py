@@ -208,11 +208,6 @@ def main_server(tmp_root: Path) -> Server:
 
 
 @pytest.fixture(scope="session")
-def tmp_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("server")
-
-
-@pytest.fixture(scope="session")
 def chain(tmp_root) -> dict:
     return chain_model_path(tmp_root)[1]
 
