@@ -27,13 +27,9 @@ class SamplerOutput:
 
 def _padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(r) for r in rows), default=0) or 1
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, : len(r)] = torch.tensor(r)
-            valid[i, : len(r)] = True
-    return ids, valid
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])
+    return ids, torch.arange(width)[None, :] < lengths[:, None]
 
 
 class Sampler:

@@ -42,10 +42,8 @@ class ForwardBatch:
         seq_index = torch.repeat_interleave(torch.arange(len(token_chunks)), query_lens)
         offsets = torch.cumsum(query_lens, 0) - query_lens
         positions = starts[seq_index] + torch.arange(int(query_lens.sum())) - offsets[seq_index]
-        width = max(len(t) for t in block_tables) if block_tables else 1
-        tables = torch.zeros(len(block_tables), max(width, 1), dtype=torch.long)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+        width = max(1, max((len(t) for t in block_tables), default=1))
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
         blocks = tables[seq_index, positions // block_size]
         logits_indices = [int(offsets[i]) + r for i, rows in enumerate(logits_rows) for r in rows]
         return cls(
