@@ -110,6 +110,20 @@ def decode_rate(llm, batch: int, output_len: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def tier_comparison(llm, args) -> dict:
+    """Decode tokens/s per batch size on tier 0 (eager forced) and tier 1 (after tier-up), same process."""
+    runner = llm.engine.runner
+    tiers = runner.forward_fn
+    runner.forward_fn = runner.eager_forward
+    tier0 = {b: decode_rate(llm, b, args.output_len, args.repeats) for b in args.decode_batches}
+    runner.forward_fn = tiers
+    for batch in args.decode_batches:  # drive each bucket hot, let it tier up off the serving path
+        decode_rate(llm, batch, args.tier_threshold + 8, 1)
+        tiers.wait_idle()
+    tier1 = {b: decode_rate(llm, b, args.output_len, args.repeats) for b in args.decode_batches}
+    return {"decode_tok_s_tier0": tier0, "decode_tok_s_tier1": tier1, "tiers": tiers.table()}
+
+
 def run_model(name: str, args) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -117,28 +131,28 @@ def run_model(name: str, args) -> dict:
 
     result: dict = {"model": name}
     llm = LLM(
-        name, tiering=args.tiering, tier_threshold=args.tier_threshold, max_num_seqs=max(64, args.num_prompts)
+        name,
+        tiering=args.tiering,
+        tier_threshold=args.tier_threshold,
+        max_num_seqs=max(64, args.num_prompts),
+        quantization=args.quantization,
     )
     chat = llm.engine.tokenizer.has_chat_template
     prompts = make_prompts(llm.engine.tokenizer, args.num_prompts, chat)
     path = str(llm.engine.container.get("model_path"))
     bench_turbofan(llm, prompts[:4], 8)  # warm-up
     if args.tiering == "on":
-        for batch in args.decode_batches:  # drive each bucket hot, let it tier up, then measure
-            decode_rate(llm, batch, args.tier_threshold + 8, 1)
-            llm.engine.runner.forward_fn.wait_idle()
+        result.update(tier_comparison(llm, args))
     result["turbofan_batch_tok_s"] = statistics.median(
         bench_turbofan(llm, prompts, args.output_len) for _ in range(args.repeats)
     )
     result["turbofan_single_tok_s"] = statistics.median(
         bench_turbofan(llm, prompts[i : i + 1], args.output_len) for i in range(args.repeats)
     )
-    if args.decode_batches:
-        result["decode_tok_s"] = {
-            b: decode_rate(llm, b, args.output_len, args.repeats) for b in args.decode_batches
-        }
-    if args.tiering == "on":
-        result["tiers"] = llm.engine.runner.forward_fn.table()
+    if args.decode_batches and args.tiering == "off":
+        result["decode_tok_s"] = {b: decode_rate(llm, b, args.output_len, args.repeats) for b in args.decode_batches}
+    stats = llm.engine.stats()
+    result["prefix_cache_hit_rate"] = stats.prefix_hits / max(stats.prefix_queries, 1)
     result["turbofan_peak_rss_mib"] = peak_rss_mib()
     del llm
     gc.collect()
@@ -164,6 +178,12 @@ def report(r: dict) -> str:
         lines.append(f"batch vs HF generate_batch {r['turbofan_batch_tok_s'] / r['hf_batch_tok_s']:>8.2f}x")
     for b, v in (r.get("decode_tok_s") or {}).items():
         lines.append(f"decode tok/s at batch {b:<3} {v:>10.1f}")
+    for b, t0 in (r.get("decode_tok_s_tier0") or {}).items():
+        t1 = r["decode_tok_s_tier1"][b]
+        lines.append(f"decode batch {b:<3} tier0 {t0:>8.1f}  tier1 {t1:>8.1f}  ratio {t1 / t0:>5.2f}x")
+    for row in r.get("tiers") or []:
+        if row["compile_seconds"] is not None:
+            lines.append(f"  {row['key']:<18} compiled in {row['compile_seconds']:.1f} s")
     lines.append(f"turbofan peak RSS MiB    {r['turbofan_peak_rss_mib']:>10.0f}")
     return "\n".join(lines)
 
@@ -179,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-hf-batch", action="store_true")
     p.add_argument("--tiering", choices=["off", "on"], default="off")
     p.add_argument("--tier-threshold", type=int, default=16)
+    p.add_argument("--quantization", choices=["int8"], default=None)
     p.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
