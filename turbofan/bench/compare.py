@@ -79,12 +79,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--extra", default="", help="extra flags for turbofan serve")
     p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--reference", default=None, help="llama-server results (a --json file) instead of running it")
     args = p.parse_args(argv)
     from turbofan.store import ModelStore
 
     store = ModelStore()
     levels = [int(c) for c in args.concurrency.split(",")]
     results = []
+    if args.reference:
+        with open(args.reference) as f:
+            results = [r for r in json.load(f) if r["server"] == "llama-server"]
     for model in args.models.split(","):
         resolved = store.resolve(model)
         gguf = str(resolved.gguf_file)
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             "llama-server": [args.llama_server, "-m", gguf, "-t", str(args.threads), "-tb", str(args.threads),
                              "-np", "16", "-c", "32768", "-cb"],
         }  # fmt: skip
+        if args.reference:
+            del servers["llama-server"]
         for name, cmd in servers.items():
             port = free_port()
             cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models.split(","):
         for c in levels:
             t = next(r for r in results if r["model"] == model and r["server"] == "turbofan" and r["concurrency"] == c)
-            ll = next(r for r in results if r["model"] == model and r["server"] == "llama-server" and r["concurrency"] == c)
+            ll = next(
+                r for r in results if r["model"] == model and r["server"] == "llama-server" and r["concurrency"] == c
+            )
             print(f"{model:<14} {c:>4} {t['output_throughput']:>15.1f} {ll['output_throughput']:>12.1f} "
                   f"{t['output_throughput'] / ll['output_throughput']:>6.2f} "
                   f"{t['ttft_ms']['p50']:>10.0f} / {ll['ttft_ms']['p50']:<9.0f} "
