@@ -306,7 +306,10 @@ async def _engine_for(ctx: ServerContext, model: str | None):
     if not model:
         raise bad_request("model is required")
     t0 = time.time()
-    await ctx.require_model(model)
+    try:
+        await ctx.require_model(model)
+    except APIError as exc:  # Ollama's own wording for an unknown model
+        raise _not_found(model) if exc.status == 404 else exc from None
     engine = (await ctx.state.wait()).engine
     return engine, time.time() - t0
 
@@ -320,10 +323,7 @@ def _not_found(model: str) -> APIError:
 async def generate(body: GenerateRequest, request: Request):
     started = time.time()
     ctx = ctx_of(request)
-    try:
-        engine, waited = await _engine_for(ctx, body.model)
-    except APIError as exc:
-        raise _not_found(body.model) if exc.status == 404 else exc from None
+    engine, waited = await _engine_for(ctx, body.model)
     _unsupported(body.format, body.images, body.think)
     if body.suffix:
         raise bad_request(f'"{body.model}" does not support insert')
@@ -358,10 +358,7 @@ async def generate(body: GenerateRequest, request: Request):
 async def chat(body: ChatRequest, request: Request):
     started = time.time()
     ctx = ctx_of(request)
-    try:
-        engine, waited = await _engine_for(ctx, body.model)
-    except APIError as exc:
-        raise _not_found(body.model) if exc.status == 404 else exc from None
+    engine, waited = await _engine_for(ctx, body.model)
     images = [img for m in body.messages or [] for img in (m.images or [])]
     _unsupported(body.format, images, body.think)
     if not body.messages:
