@@ -7,11 +7,11 @@ slot mapping and the gather of a non-contiguous context.
 
 from __future__ import annotations
 
-import copy
 import random
 
 import pytest
 import torch
+from tiny_models import hf_greedy
 
 from turbofan import SamplingParams
 from turbofan.model.batch import ForwardBatch
@@ -136,28 +136,6 @@ def test_batched_chunked_prefill_and_decode_match_transformers(arch, tiny_models
         step += 1
 
 
-def _hf_greedy(hf, prompt: list[int], max_new: int) -> list[int]:
-    """transformers' own greedy `generate`, told to ignore EOS like `ignore_eos=True` (generate merges unset
-    fields from the model's configs, so EOS has to be removed there, not only in the config passed in)."""
-    saved = hf.generation_config.eos_token_id, hf.config.eos_token_id
-    hf.generation_config.eos_token_id = hf.config.eos_token_id = None
-    gc = copy.deepcopy(hf.generation_config)
-    gc.pad_token_id = 0
-    gc.do_sample = False
-    gc.max_new_tokens = max_new
-    gc.min_new_tokens = None
-    for attr in ("temperature", "top_p", "top_k"):
-        setattr(gc, attr, None)
-    try:
-        with torch.inference_mode():
-            out = hf.generate(torch.tensor([prompt]), generation_config=gc)
-    finally:
-        hf.generation_config.eos_token_id, hf.config.eos_token_id = saved
-    out = out[0, len(prompt) :].tolist()
-    assert len(out) == max_new
-    return out
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llm_greedy_generate_matches_hf_generate(arch, make_llm, hf_models):
     hf = hf_models(arch)
@@ -173,6 +151,6 @@ def test_llm_greedy_generate_matches_hf_generate(arch, make_llm, hf_models):
     outs = llm.generate(texts, params, use_tqdm=False)
     for text, out in zip(texts, outs):
         assert out.prompt_token_ids == tok.encode(text)
-        expected = _hf_greedy(hf, out.prompt_token_ids, 20)
+        expected = hf_greedy(hf, out.prompt_token_ids, 20)
         assert out.outputs[0].token_ids == expected, f"{arch}: greedy tokens differ for {text!r}"
         assert out.outputs[0].finish_reason == "length"

@@ -9,12 +9,12 @@ the original GGUF itself (needs `accelerate`), so the store's own conversion is 
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import hf_greedy
 
 from turbofan import SamplingParams
 
@@ -96,28 +96,6 @@ def _hf_from_gguf(gguf: Path):
     ).eval()
 
 
-def _hf_greedy(hf, prompt: list[int], max_new: int) -> list[int]:
-    """transformers' own greedy `generate`, told to ignore EOS like `ignore_eos=True` (generate merges unset
-    fields from the model's configs, so EOS has to be removed there, not only in the config passed in)."""
-    saved = hf.generation_config.eos_token_id, hf.config.eos_token_id
-    hf.generation_config.eos_token_id = hf.config.eos_token_id = None
-    gc = copy.deepcopy(hf.generation_config)
-    gc.pad_token_id = 0
-    gc.do_sample = False
-    gc.max_new_tokens = max_new
-    gc.min_new_tokens = None
-    for attr in ("temperature", "top_p", "top_k"):
-        setattr(gc, attr, None)
-    try:
-        with torch.inference_mode():
-            out = hf.generate(torch.tensor([prompt]), generation_config=gc)
-    finally:
-        hf.generation_config.eos_token_id, hf.config.eos_token_id = saved
-    out = out[0, len(prompt) :].tolist()
-    assert len(out) == max_new
-    return out
-
-
 def compare_with_transformers(model_dir: Path, gguf: Path, prompts: list[list[int]], llm) -> None:
     """32 greedy tokens per prompt, the prompts batched on our side, one at a time on the reference side."""
     hf = _hf_from_gguf(gguf)
@@ -127,7 +105,7 @@ def compare_with_transformers(model_dir: Path, gguf: Path, prompts: list[list[in
         with torch.inference_mode():
             ref_logits = hf(torch.tensor([ids])).logits[0, -1]
         ours_tokens = out.outputs[0].token_ids
-        want = _hf_greedy(hf, ids, NEW_TOKENS)
+        want = hf_greedy(hf, ids, NEW_TOKENS)
         assert ours_tokens == want, (
             f"greedy tokens differ from transformers on {gguf.name}\n prompt {ids}\n ours   {ours_tokens}\n "
             f"theirs {want}\n ours   {out.outputs[0].text!r}"

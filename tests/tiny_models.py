@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -93,3 +94,25 @@ def build_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
                 p.normal_(0, 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def hf_greedy(hf, prompt: list[int], max_new: int) -> list[int]:
+    """transformers' own greedy `generate`, told to ignore EOS like `ignore_eos=True` (generate merges unset
+    fields from the model's configs, so EOS has to be removed there, not only in the config passed in)."""
+    saved = hf.generation_config.eos_token_id, hf.config.eos_token_id
+    hf.generation_config.eos_token_id = hf.config.eos_token_id = None
+    gc = copy.deepcopy(hf.generation_config)
+    gc.pad_token_id = 0
+    gc.do_sample = False
+    gc.max_new_tokens = max_new
+    gc.min_new_tokens = None
+    for attr in ("temperature", "top_p", "top_k"):
+        setattr(gc, attr, None)
+    try:
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([prompt]), generation_config=gc)
+    finally:
+        hf.generation_config.eos_token_id, hf.config.eos_token_id = saved
+    out = out[0, len(prompt) :].tolist()
+    assert len(out) == max_new
+    return out
