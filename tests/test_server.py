@@ -893,11 +893,51 @@ def test_one_bad_prompt_in_a_batch_fails_the_request_and_leaks_nothing(server):
     wait_idle(server)
 
 
+def aborted_total(server: Server) -> float:
+    try:
+        return metric(server.get("/metrics").text, "vllm:request_success_total", model_name=NAME, finished_reason="abort")
+    except KeyError:  # no request aborted yet
+        return 0.0
+
+
 def test_disconnect_during_non_streaming_request_aborts_it(server):
-    body = {"model": NAME, "prompt": "x", "max_tokens": 120, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, headers=server.headers(), timeout=httpx.Timeout(5, read=0.3))
-    wait_idle(server)
+    """Hang up on a non-streaming request once the engine's counters say it is decoding (not after a guessed
+    timeout, which a fast host outruns): it must be aborted, cut short, and its KV blocks freed."""
+    max_tokens = 120  # EOS ignored: the request can only end by its length, and that takes 120 engine steps
+    body = {"model": NAME, "prompt": "x", "max_tokens": max_tokens, "ignore_eos": True}
+    before = wait_idle(server)
+    aborts = aborted_total(server)
+
+    async def go() -> dict:
+        async with (
+            httpx.AsyncClient(base_url=server.url, headers=server.headers(), timeout=60) as client,
+            httpx.AsyncClient(base_url=server.url, headers=server.headers(), timeout=60) as poller,
+        ):
+            post = asyncio.create_task(client.post("/v1/completions", json=body))
+            deadline = time.time() + 30
+            while True:
+                d = (await poller.get("/debug/engine")).json()
+                decoding = d["generation_tokens_total"] > before["generation_tokens_total"]
+                if d["in_flight"] == 1 and d["num_running"] == 1 and decoding:
+                    break
+                assert not post.done(), f"the request ended before it was seen running: {post!r}"
+                assert time.time() < deadline, f"the request never started: {d}"
+                await asyncio.sleep(0.002)
+            assert not post.done()
+            post.cancel()  # drops the connection mid-request: the server sees http.disconnect
+            with contextlib.suppress(asyncio.CancelledError):
+                await post
+            return d
+
+    running = asyncio.run(go())
+    assert running["num_free_blocks"] < running["num_blocks"]
+    idle = wait_idle(server)  # in_flight 0, nothing running or waiting, every KV block free again
+    generated = idle["generation_tokens_total"] - before["generation_tokens_total"]
+    assert generated < max_tokens, f"the request ran to its end ({generated} tokens) instead of being aborted"
+    deadline = time.time() + 5
+    while aborted_total(server) < aborts + 1 and time.time() < deadline:
+        time.sleep(0.02)
+    assert aborted_total(server) == aborts + 1
     assert_serving(server)
 
 
