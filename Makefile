@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL ?= smollm2:135m
 export TURBOFAN_MODELS ?= $(CURDIR)/.models
 
-.PHONY: install serve test test-fast lint bench
+.PHONY: install serve test test-fast test-avx2 lint bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+# The fast suite on the AVX2 code paths (ATen's kernels, MKL's, and our own kernels, which follow ATen's cap), so CI
+# covers both ISAs whatever the host: on an AVX-512 host `make test` runs AVX-512, this runs AVX2.
+test-avx2: install
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 bench: install
 	$(BIN)/python -m turbofan.bench.offline
