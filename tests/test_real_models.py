@@ -119,7 +119,7 @@ def test_smollm2_greedy_matches_transformers_on_the_gguf(tmp_path_factory):
     gguf = _original_gguf("smollm2:135m", model_dir, tmp_path_factory.getbasetemp())
     from turbofan import LLM
 
-    llm = LLM("smollm2:135m", models_dir=os.environ.get("TURBOFAN_MODELS"), num_kv_blocks=256)
+    llm = LLM("smollm2:135m", models_dir=os.environ.get("TURBOFAN_MODELS"), num_kv_blocks=256, quantization="none")
     tok = llm.get_tokenizer()
     assert tok.has_chat_template, "SmolLM2-Instruct's GGUF carries a chat template"
     prompts = [
@@ -137,7 +137,7 @@ def test_gemma3_greedy_matches_transformers_on_the_gguf(tmp_path_factory):
     gguf = _original_gguf("gemma3:270m", model_dir, tmp_path_factory.getbasetemp())
     from turbofan import LLM
 
-    llm = LLM("gemma3:270m", models_dir=os.environ.get("TURBOFAN_MODELS"), num_kv_blocks=256)
+    llm = LLM("gemma3:270m", models_dir=os.environ.get("TURBOFAN_MODELS"), num_kv_blocks=256, quantization="none")
     tok = llm.get_tokenizer()
     # a base model: plain completion, BOS added by the tokenizer
     prompts = [tok.encode(p) for p in GEMMA_PROMPTS]
@@ -162,3 +162,15 @@ def test_store_tokenizer_matches_the_gguf_tokenizer(name, tmp_path_factory):
     ours = Tokenizer(model_dir)
     for text in SMOL_QUESTIONS + GEMMA_PROMPTS + ["  spaces\tand\nnewlines", "émojis 🚀 1234567890"]:
         assert ours.encode(text) == theirs(text).input_ids, text
+
+
+@pytest.mark.parametrize("name", ["smollm2:135m", "gemma3:270m"])
+def test_default_low_bit_path_keeps_quality(name):
+    """The default (GGUF precision in 4/8-bit blocks) against float32 on a fixed ~500-token English text:
+    perplexity within 3% and the same most likely next token at >= 95% of positions."""
+    from turbofan.bench.quality import measure
+
+    q = measure(Path(_resolve(name).path), "auto")
+    assert q.served_as != "float32" and q.tokens > 400
+    assert q.ppl_ratio < 1.03, q
+    assert q.agreement >= 0.95, q

@@ -67,7 +67,11 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tier-threshold", type=int, default=32, help="calls before a shape is compiled")
     p.add_argument("--profile", action="store_true", help="count calls and time per component method")
     p.add_argument(
-        "--quantization", choices=["int8"], default=None, help="int8 weights on CPU: faster, not bit-comparable"
+        "--quantization",
+        choices=["auto", "none", "int8", "int4"],
+        default="auto",
+        help="auto: a GGUF model keeps its file's precision (4/8-bit blocks), safetensors stay float32; "
+        "int8/int4: quantize every layer; none: float32, bit-comparable with transformers",
     )
 
 

@@ -39,7 +39,9 @@ class EngineConfig:
     kv_cache_memory: str | float | None = "1GiB"
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use it to force preemption)
     enable_prefix_caching: bool = True
-    quantization: str | None = None  # "int8": fbgemm int8 weights on CPU (faster, not bit-comparable with HF)
+    # "auto": GGUF models keep their file's precision in 4/8-bit blocks, safetensors stay float32 (model/quant.py);
+    # "int8" / "int4": every layer matrix quantized; "none": float32, bit-comparable with transformers.
+    quantization: str | None = "auto"
     chat_template: str | None = None
     models_dir: str | None = None
     tiering: str = "off"

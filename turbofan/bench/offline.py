@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-hf-batch", action="store_true")
     p.add_argument("--tiering", choices=["off", "on"], default="off")
     p.add_argument("--tier-threshold", type=int, default=16)
-    p.add_argument("--quantization", choices=["int8"], default=None)
+    p.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default="auto")
     p.add_argument("--also-int8", action="store_true", help="also measure turbofan with --quantization int8")
     p.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     p.add_argument("--json", help="also write the results to this file")

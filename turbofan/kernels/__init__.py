@@ -116,7 +116,8 @@ def _load() -> None:
     _ensure_ninja_on_path()
     here = Path(__file__).parent
     text = "\n".join((here / name).read_text() for name in SOURCES)
-    build = _build_dir(text)
+    headers = "".join(p.read_text() for p in sorted(here.glob("*.h")))  # included by the sources
+    build = _build_dir(text + headers)
     build.mkdir(parents=True, exist_ok=True)
     cached = any(build.glob("*.so"))
     t0 = time.perf_counter()
@@ -129,6 +130,7 @@ def _load() -> None:
     cpp_extension.load(
         name="turbofan_kernels",
         sources=[str(source)],
+        extra_include_paths=[str(here)],
         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build),

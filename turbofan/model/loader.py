@@ -39,7 +39,7 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _hf_to_ours(name: str, args: ModelArgs) -> tuple[str, str | None]:
+def hf_to_ours(name: str, args: ModelArgs) -> tuple[str, str | None]:
     """Maps an HF tensor name to (our parameter path, fused slot or None)."""
     name = name.removeprefix("language_model.").removeprefix("model.language_model.")
     if name in ("model.embed_tokens.weight",):
@@ -92,7 +92,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                target, slot = _hf_to_ours(name, args)
+                target, slot = hf_to_ours(name, args)
                 if not target:
                     continue
                 t = f.get_tensor(name)

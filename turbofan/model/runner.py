@@ -13,6 +13,7 @@ from turbofan.model.attention import AttentionMetadata
 from turbofan.model.batch import ForwardBatch
 from turbofan.model.layers import CausalLM
 from turbofan.model.loader import load_model
+from turbofan.model.quant import plan_for, quantize_model
 
 log = logging.getLogger("turbofan.model")
 
@@ -31,17 +32,14 @@ class ModelRunner:
         block_size: int = 16,
         num_blocks: int | None = None,
         kv_cache_bytes: int | None = None,
-        quantization: str | None = None,
+        quantization: str | None = "auto",
     ):
         t0 = time.perf_counter()
         self.model = load_model(model_path, dtype=dtype, device=device)
-        if quantization == "int8":
-            from turbofan.model.quant import quantize_int8
-
-            quantize_int8(self.model)
-        elif quantization not in (None, "none"):
-            raise ValueError(f"unknown quantization {quantization!r}; turbofan supports: int8")
-        self.quantization = quantization
+        plan = plan_for(quantization or "none", Path(model_path), self.model)
+        # What is actually served, for /api/show, /api/ps and logs: "float32" or e.g. "q4: 90, q8: 31".
+        self.quantization = quantize_model(self.model, plan)
+        log.info("weights served as %s (--quantization %s)", self.quantization, quantization or "none")
         self.load_seconds = time.perf_counter() - t0
         self.args = self.model.args
         self.windows = tuple(sorted({w for w in self.args.sliding_window if w is not None}))

@@ -1,0 +1,158 @@
+"""Block-quantized weights (blocks of 32 along K) for the `turbofan::qlinear` kernel, and their references.
+
+Formats, chosen to hold GGUF's own precisions without loss where they can:
+- q4: w = d * q + m with q in 0..15 (GGUF Q4_1; Q4_K's sub-blocks of 32 have the same form), two per byte,
+  byte j of a block holding element j (low nibble) and j + 16 (high nibble); d, m float16 per block.
+- q8: w = d * q with q in -127..127 (GGUF Q8_0); d float16 per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 32
+
+
+PANEL = 16  # output rows per panel: a vector's lanes are output channels (turbofan/kernels/quant_matmul.cpp)
+
+
+@dataclass
+class QuantizedWeight:
+    """A [N, K] weight in a block format (`bits` 4 or 8), packed in panels of 16 rows for the kernel."""
+
+    bits: int
+    qweight: torch.Tensor  # q4: uint8 [N/16, K/32 * 256]; q8: int8 [N/16, K/32 * 512]
+    scales: torch.Tensor  # float16 [N/16, K/32 * 16]
+    mins: torch.Tensor | None  # q4: float16 like scales
+    wsum: torch.Tensor | None  # q8: int32 like scales, each block's sum of codes (the VNNI path needs it)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0] * PANEL, self.scales.shape[1] // PANEL * BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
+
+
+def quantizable(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.shape[1] % BLOCK == 0 and weight.shape[0] % PANEL == 0
+
+
+def _panels(t: torch.Tensor) -> torch.Tensor:
+    """[N, nb, ...] -> [N/16, nb, ..., 16 rows] contiguous: the panel-major order the kernel reads."""
+    n, nb = t.shape[:2]
+    t = t.reshape(n // PANEL, PANEL, nb, *t.shape[2:])
+    return t.movedim(1, -1).contiguous()
+
+
+def _pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [N, nb, 32] -> panel bytes. Each 64-byte group is 16 rows x one 4-element quad of K (row-major);
+    for 4 bits the low nibbles hold quads 0..3 of a block and the high nibbles quads 4..7."""
+    n, nb, _ = q.shape
+    quads = _panels(q.reshape(n, nb, 8, 4).transpose(2, 3))  # [P, nb, 4 elems, 8 quads, 16 rows]
+    quads = quads.permute(0, 1, 3, 4, 2)  # [P, nb, 8 quads, 16 rows, 4 elems]
+    if bits == 4:
+        quads = quads[:, :, :4] | (quads[:, :, 4:] << 4)
+    return quads.reshape(n // PANEL, -1).contiguous()
+
+
+def _unpack_codes(qw: QuantizedWeight) -> torch.Tensor:
+    n, k = qw.shape
+    nb = k // BLOCK
+    raw = qw.qweight.reshape(n // PANEL, nb, -1, PANEL, 4).to(torch.int32)
+    if qw.bits == 4:
+        raw = torch.cat((raw & 0x0F, raw >> 4), dim=2)  # quads 0..3, then 4..7
+    return raw.permute(0, 3, 1, 2, 4).reshape(n, nb, BLOCK)  # [N, nb, 32] in element order
+
+
+def quantize(weight: torch.Tensor, bits: int) -> QuantizedWeight:
+    """Round a float [N, K] weight to the q4 or q8 block format (scales rounded to float16 first, so the codes
+    are chosen against the scales actually stored)."""
+    w = weight.detach().float()
+    if not quantizable(w):
+        raise ValueError(f"a [{', '.join(map(str, w.shape))}] weight needs N % {PANEL} == 0 and K % {BLOCK} == 0")
+    n, k = w.shape
+    blocks = w.reshape(n, k // BLOCK, BLOCK)
+    if bits == 8:
+        scales = (blocks.abs().amax(-1) / 127.0).half()
+        d = scales.float()[..., None]
+        q = torch.where(d > 0, blocks / d.clamp(min=1e-30), 0).round().clamp(-127, 127).to(torch.int8)
+        wsum = q.to(torch.int32).sum(-1, dtype=torch.int32)
+        return QuantizedWeight(8, _pack_codes(q, 8), _panels(scales).reshape(n // PANEL, -1), None,
+                               _panels(wsum).reshape(n // PANEL, -1))
+    if bits == 4:
+        lo = blocks.amin(-1)
+        mins = lo.half()
+        scales = _grid_step(blocks, lo).half()
+        d, m = scales.float()[..., None], mins.float()[..., None]
+        q = torch.where(d > 0, (blocks - m) / d.clamp(min=1e-30), 0).round().clamp(0, 15).to(torch.uint8)
+        return QuantizedWeight(4, _pack_codes(q, 4), _panels(scales).reshape(n // PANEL, -1),
+                               _panels(mins).reshape(n // PANEL, -1), None)
+    raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+def _grid_step(blocks: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The 4-bit step of each block [N, nb, 32]: (max - min) / 15, unless the values already sit on a grid of at
+    most 16 levels starting at the minimum, as a dequantized GGUF 4-bit block does. Then that grid's step is
+    kept, so re-quantizing loses nothing: Q4_K picks its sub-block scales by search, so its codes need not reach
+    0 and 15 and min/max would pick another, coarser grid."""
+    hi = blocks.amax(-1)
+    span = hi - lo
+    fallback = span / 15.0
+    ordered = blocks.sort(-1).values
+    gaps = ordered.diff(dim=-1)
+    tol = span[..., None] * 1e-4
+    step = torch.where(gaps > tol, gaps, torch.inf).amin(-1)  # the smallest gap between distinct values
+    step = torch.where(torch.isfinite(step), step, fallback)
+    levels = (blocks - lo[..., None]) / step[..., None]
+    on_grid = ((levels - levels.round()).abs() * step[..., None] <= tol).all(-1) & (levels.round().amax(-1) <= 15)
+    return torch.where(on_grid & (step > 0), step, fallback)
+
+
+def _unpanel(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[N/16, nb * 16] -> [N, nb]."""
+    return t.reshape(n // PANEL, -1, PANEL).transpose(1, 2).reshape(n, -1)
+
+
+def codes(qw: QuantizedWeight) -> torch.Tensor:
+    """The integer codes [N, K/32, 32] (int32) of a quantized weight, in element order."""
+    return _unpack_codes(qw)
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    n, k = qw.shape
+    w = codes(qw).float() * _unpanel(qw.scales, n).float()[..., None]
+    if qw.mins is not None:
+        w = w + _unpanel(qw.mins, n).float()[..., None]
+    return w.reshape(n, k)
+
+
+def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel call for a 2-D x."""
+    return torch.ops.turbofan.qlinear(x, qw.qweight, qw.scales, qw.mins, qw.wsum, bias)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row int8 blocks of 32 exactly as the kernel makes them: (codes [M, K/32, 32], scales, scale * sum)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, 0.0)
+    q = (blocks * inv[..., None]).round().to(torch.int32)  # round half to even, like nearbyint
+    return q, d, d * q.sum(-1).float()
+
+
+def reference_qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's math in float64 (exact integer dots, per-block scales): the yardstick for `turbofan::qlinear`."""
+    q, d, s = quantize_activations(x)
+    n = qw.shape[0]
+    dots = torch.einsum("mbk,nbk->mnb", q.double(), codes(qw).double())  # exact: |dot| < 2^20
+    out = (dots * d.double()[:, None, :] * _unpanel(qw.scales, n).double()[None]).sum(-1)
+    if qw.mins is not None:
+        out = out + (s.double()[:, None, :] * _unpanel(qw.mins, n).double()[None]).sum(-1)
+    if bias is not None:
+        out = out + bias.double()
+    return out.float()

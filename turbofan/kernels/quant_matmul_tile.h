@@ -1,0 +1,79 @@
+// The block-quantized matmul's inner loops, included once per ISA by quant_matmul.cpp inside a
+// `#pragma GCC target(...)` region and its own namespace. Before including, the includer defines:
+//   kLanes                        int32/float lanes of a vector (8 for AVX2, 16 for AVX-512)
+//   VI, VF                        the integer and float vector types
+//   vi_load(p), vf_load_half(p)   load kLanes*4 bytes / kLanes float16 values (converted to float)
+//   dot_q4(acc, w, x4)            acc += 4-byte dots of unsigned 4-bit codes w and the broadcast int8 quad x4
+//   dot_q8(acc, w, x4)            the same for signed 8-bit codes (VNNI: returns the dot + 128 * sum(w))
+//   kQ8Bias                       1 when dot_q8 adds 128 * sum(w) (the wsum correction applies), else 0
+//   vf_* / vi_*                   the few arithmetic helpers used below
+// and includes quantize_rows.h.
+// Lanes are output channels: each output's block dot is an exact int32, then one float FMA per block, in block
+// order. That order does not depend on the vector width, the row tile or the batch, so every path (AVX2,
+// AVX-512, scalar) gives bit-identical results and a row's output never depends on its batch mates.
+
+// MR activation rows against kLanes output channels (one lane group of a 16-row panel), over all K blocks.
+template <int MR, bool Q4>
+static inline void panel_tile(const uint8_t* w, const at::Half* wd, const at::Half* wm, const int32_t* wsum,
+                              int64_t nb, int half, const int8_t* xq, const float* xd, const float* xs, int64_t k,
+                              float* out, int64_t ldo) {
+  constexpr int kGroups = Q4 ? 4 : 8;              // 64-byte groups per block and panel
+  constexpr int64_t kBlockBytes = kGroups * 64;    // one block of a 16-row panel
+  VF acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = vf_zero();
+  for (int64_t b = 0; b < nb; ++b) {
+    VI dots[MR];
+    for (int r = 0; r < MR; ++r) dots[r] = vi_zero();
+    const uint8_t* wb = w + b * kBlockBytes + half * kLanes * 4;
+    for (int g = 0; g < kGroups; ++g) {
+      const VI raw = vi_load(wb + g * 64);
+      if constexpr (Q4) {
+        const VI lo = vi_and(raw, vi_set1_8(0x0F)), hi = vi_and(vi_srli16(raw, 4), vi_set1_8(0x0F));
+        for (int r = 0; r < MR; ++r) {
+          const int8_t* xb = xq + r * k + b * kBlock;
+          dots[r] = dot_q4(dots[r], lo, load_quad(xb + 4 * g));
+          dots[r] = dot_q4(dots[r], hi, load_quad(xb + 4 * (g + 4)));
+        }
+      } else {
+        for (int r = 0; r < MR; ++r) dots[r] = dot_q8(dots[r], raw, load_quad(xq + r * k + b * kBlock + 4 * g));
+      }
+    }
+    const int64_t sb = b * 16 + half * kLanes;  // this lane group's scales for block b
+    const VF dw = vf_load_half(wd + sb);
+    if constexpr (Q4) {
+      const VF mw = vf_load_half(wm + sb);
+      for (int r = 0; r < MR; ++r) {
+        acc[r] = vf_fmadd(vi_to_f(dots[r]), vf_mul(dw, vf_set1(xd[r * nb + b])), acc[r]);
+        acc[r] = vf_fmadd(mw, vf_set1(xs[r * nb + b]), acc[r]);
+      }
+    } else {
+      const VI bias = kQ8Bias ? vi_slli32(vi_load(reinterpret_cast<const uint8_t*>(wsum + sb)), 7) : vi_zero();
+      for (int r = 0; r < MR; ++r)
+        acc[r] = vf_fmadd(vi_to_f(vi_sub32(dots[r], bias)), vf_mul(dw, vf_set1(xd[r * nb + b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) vf_store(out + r * ldo, acc[r]);
+}
+
+// out[m, 16p + i] for the panels p in [p0, p1), every row m.
+template <bool Q4>
+static void matmul_panels(const uint8_t* w, const at::Half* wd, const at::Half* wm, const int32_t* wsum, int64_t p0,
+                          int64_t p1, int64_t k, const int8_t* xq, const float* xd, const float* xs, int64_t m,
+                          float* out, int64_t n) {
+  const int64_t nb = k / kBlock;
+  const int64_t panel_bytes = nb * (Q4 ? 4 : 8) * 64;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* wp = w + p * panel_bytes;
+    const at::Half* dp = wd + p * nb * 16;
+    const at::Half* mp = Q4 ? wm + p * nb * 16 : nullptr;
+    const int32_t* sp = Q4 ? nullptr : wsum + p * nb * 16;
+    for (int half = 0; half < 16 / kLanes; ++half) {
+      float* o = out + p * 16 + half * kLanes;
+      int64_t i = 0;
+      for (; i + kRows <= m; i += kRows)
+        panel_tile<kRows, Q4>(wp, dp, mp, sp, nb, half, xq + i * k, xd + i * nb, xs + i * nb, k, o + i * n, n);
+      for (; i < m; ++i)
+        panel_tile<1, Q4>(wp, dp, mp, sp, nb, half, xq + i * k, xd + i * nb, xs + i * nb, k, o + i * n, n);
+    }
+  }
+}
