@@ -8,3 +8,23 @@ import torch
 @torch.library.register_fake("turbofan::qlinear")
 def _qlinear_fake(x, qweight, scales, mins, wsum, bias):
     return x.new_empty((x.shape[0], qweight.shape[0] * 16), dtype=torch.float32)
+
+
+@torch.library.register_fake("turbofan::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("turbofan::add_rms_norm")
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.register_fake("turbofan::rope")
+def _rope_fake(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("turbofan::gated_act")
+def _gated_act_fake(gate_up, gelu):
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))

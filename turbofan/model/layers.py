@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbofan import kernels
 from turbofan.model.args import ModelArgs
 from turbofan.model.attention import AttentionMetadata, paged_attention
 
@@ -22,15 +23,43 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return weight(x)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def use_fused_ops() -> bool:
+    """The own fused ops (turbofan/kernels/fused_ops.cpp) when they compiled and the weights are float32 on CPU;
+    decided once per model, so the hot path does not ask again."""
+    return kernels.available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
+    if fused:
+        return torch.ops.turbofan.rms_norm(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)): the residual stream and the next sub-layer's input."""
+    if fused:
+        return torch.ops.turbofan.add_rms_norm(x, delta, weight, eps)
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """HF-convention rotary embedding (halves, not interleaved pairs)."""
+    if fused:
+        return torch.ops.turbofan.rope(x, cos, sin)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def gated_act(gate_up: torch.Tensor, gelu: bool, fused: bool = False) -> torch.Tensor:
+    """act(gate) * up for a fused [T, 2I] gate/up projection (SiLU, or GELU with the tanh approximation)."""
+    if fused:
+        return torch.ops.turbofan.gated_act(gate_up, gelu)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
 
 
 class DecoderLayer(nn.Module):
@@ -53,6 +82,7 @@ class DecoderLayer(nn.Module):
         self.post_mlp_norm = nn.Parameter(empty, requires_grad=False) if args.sandwich_norms else None
         self.q_norm = nn.Parameter(empty, requires_grad=False) if args.qk_norm else None
         self.k_norm = nn.Parameter(empty, requires_grad=False) if args.qk_norm else None
+        self.fused = False  # set by CausalLM.use_fused_ops once the weights are in place
 
     def forward(
         self,
@@ -63,29 +93,26 @@ class DecoderLayer(nn.Module):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        a = self.args
+        a, fused, eps = self.args, self.fused, self.args.rms_norm_eps
         t = x.shape[0]
-        h = rms_norm(x, self.input_norm, a.rms_norm_eps)
+        h = rms_norm(x, self.input_norm, eps, fused)
         qkv = linear(h, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, a.num_heads, a.head_dim)
         k = k.reshape(t, a.num_kv_heads, a.head_dim)
         v = v.reshape(t, a.num_kv_heads, a.head_dim)
         if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, a.rms_norm_eps)
-            k = rms_norm(k, self.k_norm, a.rms_norm_eps)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q = rms_norm(q, self.q_norm, eps, fused)
+            k = rms_norm(k, self.k_norm, eps, fused)
+        q, k = rotate(q, cos, sin, fused), rotate(k, cos, sin, fused)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, a.scale, self.window)
         o = linear(o.reshape(t, self.q_size), self.o_weight)
         if self.post_attn_norm is not None:
-            o = rms_norm(o, self.post_attn_norm, a.rms_norm_eps)
-        x = x + o
-        h = rms_norm(x, self.pre_mlp_norm, a.rms_norm_eps)
-        gate, up = linear(h, self.gate_up_weight).chunk(2, dim=-1)
-        act = F.silu(gate) if a.hidden_act == "silu" else F.gelu(gate, approximate="tanh")
-        m = linear(act * up, self.down_weight)
+            o = rms_norm(o, self.post_attn_norm, eps, fused)
+        x, h = add_rms_norm(x, o, self.pre_mlp_norm, eps, fused)
+        m = linear(gated_act(linear(h, self.gate_up_weight), a.hidden_act != "silu", fused), self.down_weight)
         if self.post_mlp_norm is not None:
-            m = rms_norm(m, self.post_mlp_norm, a.rms_norm_eps)
+            m = rms_norm(m, self.post_mlp_norm, eps, fused)
         return x + m
 
 
@@ -98,6 +125,7 @@ class CausalLM(nn.Module):
         self.final_norm = nn.Parameter(empty, requires_grad=False)
         self.lm_head = nn.Parameter(empty, requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.fused = False
         # Layers that share rope parameters share one cos/sin computation per step.
         self.rope_groups: list[tuple[torch.Tensor, list[int]]] = []
         for i, rope in enumerate(args.rope):
@@ -108,6 +136,13 @@ class CausalLM(nn.Module):
             else:
                 inv = torch.tensor(rope.inv_freq(args.head_dim), dtype=torch.float32)
                 self.rope_groups.append((inv, [i]))
+
+    def use_fused_ops(self, on: bool) -> None:
+        """Run norms, rotary embedding and gating as the own fused ops (float32 on CPU only)."""
+        on = on and self.embed.dtype == torch.float32 and self.embed.device.type == "cpu"
+        self.fused = on
+        for layer in self.layers:
+            layer.fused = on
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -124,7 +159,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             cos, sin = rope_of_layer[i]
             x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
-        return rms_norm(x, self.final_norm, self.args.rms_norm_eps)
+        return rms_norm(x, self.final_norm, self.args.rms_norm_eps, self.fused)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.lm_head).float()

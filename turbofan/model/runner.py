@@ -11,7 +11,7 @@ import torch
 
 from turbofan.model.attention import AttentionMetadata
 from turbofan.model.batch import ForwardBatch
-from turbofan.model.layers import CausalLM
+from turbofan.model.layers import CausalLM, use_fused_ops
 from turbofan.model.loader import load_model
 from turbofan.model.quant import plan_for, quantize_model
 
@@ -39,6 +39,7 @@ class ModelRunner:
         plan = plan_for(quantization or "none", Path(model_path), self.model)
         # What is actually served, for /api/show, /api/ps and logs: "float32" or e.g. "q4: 90, q8: 31".
         self.quantization = quantize_model(self.model, plan)
+        self.model.use_fused_ops(use_fused_ops())
         log.info("weights served as %s (--quantization %s)", self.quantization, quantization or "none")
         self.load_seconds = time.perf_counter() - t0
         self.args = self.model.args

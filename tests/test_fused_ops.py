@@ -1,0 +1,57 @@
+"""The own fused layer ops against the eager PyTorch ops they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from turbofan import kernels
+from turbofan.model import layers
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
+TOL = {"atol": 2e-6, "rtol": 2e-6}  # a different float summation order for the mean of squares, nothing else
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (7, 640), (5, 3, 64), (2, 4, 256), (3, 37)])
+def test_rms_norm(shape):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape) * 3, torch.randn(shape[-1])
+    torch.testing.assert_close(layers.rms_norm(x, w, 1e-6, fused=True), layers.rms_norm(x, w, 1e-6), **TOL)
+
+
+def test_add_rms_norm():
+    torch.manual_seed(1)
+    x, d, w = torch.randn(9, 576), torch.randn(9, 576), torch.randn(576)
+    s, h = layers.add_rms_norm(x, d, w, 1e-5, fused=True)
+    rs, rh = layers.add_rms_norm(x, d, w, 1e-5)
+    assert torch.equal(s, rs)
+    torch.testing.assert_close(h, rh, **TOL)
+
+
+def test_rope_on_a_strided_view():
+    torch.manual_seed(2)
+    t, h, kvh, d = 6, 4, 2, 64
+    qkv = torch.randn(t, (h + 2 * kvh) * d)
+    q = qkv[:, : h * d].reshape(t, h, d)  # a view with the fused projection's row stride
+    ang = torch.randn(t, 1, d // 2)
+    cos, sin = ang.cos(), ang.sin()
+    torch.testing.assert_close(layers.rotate(q, cos, sin, fused=True), layers.rotate(q, cos, sin), **TOL)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_act(gelu):
+    torch.manual_seed(3)
+    gu = torch.randn(5, 2 * 96) * 4
+    torch.testing.assert_close(layers.gated_act(gu, gelu, fused=True), layers.gated_act(gu, gelu), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_are_independent():
+    torch.manual_seed(4)
+    x, w = torch.randn(8, 576), torch.randn(576)
+    full = layers.rms_norm(x, w, 1e-6, fused=True)
+    assert torch.equal(layers.rms_norm(x[3:4], w, 1e-6, fused=True)[0], full[3])
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.turbofan.rms_norm(torch.randn(2, 8).double(), torch.randn(8).double(), 1e-6)
