@@ -166,6 +166,8 @@ def build_payload(args: argparse.Namespace, prompt: str, max_tokens: int, chat: 
         payload["ignore_eos"] = True
     if args.top_k is not None:
         payload["top_k"] = args.top_k
+    if args.logit_bias:
+        payload["logit_bias"] = json.loads(args.logit_bias)
     return payload
 
 
@@ -206,8 +208,9 @@ async def run(args: argparse.Namespace) -> dict:
             for _ in range(args.num_prompts)
         ]  # fmt: skip
         prompts = [make_prompt(rng, i_len, tokenizer, i) for i, (i_len, _) in enumerate(lengths)]
-        if args.warmup:
-            warm = await send(client, url, build_payload(args, prompts[0], 4, chat), chat)
+        if args.warmup:  # a prompt of its own, so that no measured prompt is in a prefix cache before it is sent
+            warm_prompt = make_prompt(rng, min(args.input_len, 16), tokenizer, args.num_prompts)
+            warm = await send(client, url, build_payload(args, warm_prompt, 4, chat), chat)
             if not warm.ok:
                 raise SystemExit(f"the warm-up request failed: {warm.error}")
         semaphore = asyncio.Semaphore(limit)
@@ -329,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--logit-bias", default=None, help='JSON sent as logit_bias, e.g. \'{"2": -100}\' bans token 2')
     p.add_argument("--tokenizer", default=None, help="HF dir, tokenizer.json or store name: exact prompt lengths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--percentiles", default="50,99", help="comma-separated percentiles to report")
