@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             with running(cmd, port, f"/tmp/compare-{name}.log") as url:
                 for w in workloads:
                     r = bench(url, w, tokenizer, bias)
-                    results.append({"model": model, "server": name, "workload": w.name, **r})
+                    results.append({**r, "model": model, "server": name, "workload": w.name})
                     print(f"{model:<14} {name:<13} {w.name:<5} {r['output_throughput']:7.1f} tok/s  "
                           f"TTFT p50 {r['ttft_ms']['p50']:7.0f} ms  TPOT p50 {r['tpot_ms']['p50']:6.1f} ms", flush=True)  # fmt: skip
     print()
