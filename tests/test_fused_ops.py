@@ -38,11 +38,31 @@ def test_rope_on_a_strided_view():
     torch.testing.assert_close(layers.rotate(q, cos, sin, fused=True), layers.rotate(q, cos, sin), **TOL)
 
 
+ISAS = [isa for isa in ("avx512", "avx2", "scalar") if kernels.ISA_LEVELS[isa] <= kernels.ISA_LEVELS[kernels.detected_isa()]]
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("gelu", [False, True])
-def test_gated_act(gelu):
+def test_gated_act(gelu, isa):
+    """The own vectorisable exp is within ~2 ulp; extreme inputs saturate instead of overflowing."""
     torch.manual_seed(3)
     gu = torch.randn(5, 2 * 96) * 4
-    torch.testing.assert_close(layers.gated_act(gu, gelu, fused=True), layers.gated_act(gu, gelu), atol=1e-5, rtol=1e-5)
+    gu[0, :4] = torch.tensor([-200.0, 200.0, -90.0, 90.0])
+    with kernels.forced_isa(isa):
+        out = layers.gated_act(gu, gelu, fused=True)
+    torch.testing.assert_close(out, layers.gated_act(gu, gelu), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_norm_and_rope_on_every_isa(isa):
+    torch.manual_seed(5)
+    x, w = torch.randn(6, 576), torch.randn(576)
+    q = torch.randn(6, 9, 64)
+    ang = torch.randn(6, 1, 32)
+    with kernels.forced_isa(isa):
+        torch.testing.assert_close(layers.rms_norm(x, w, 1e-6, fused=True), layers.rms_norm(x, w, 1e-6), **TOL)
+        got = layers.rotate(q, ang.cos(), ang.sin(), fused=True)
+    torch.testing.assert_close(got, layers.rotate(q, ang.cos(), ang.sin()), **TOL)
 
 
 def test_rows_are_independent():

@@ -1,19 +1,29 @@
 // Small fused ops of a decoder layer. Each replaces several eager PyTorch ops (and their dispatch, which at
 // batch 1 costs more than the arithmetic): RMSNorm, residual add + RMSNorm, rotary embedding, SiLU/GELU(tanh)
 // gating. Rows are independent and each row is computed the same way whatever the batch, so outputs stay
-// batch-invariant. Plain loops: they are memory-light and the compiler vectorises them for the baseline ISA.
+// batch-invariant. The row loops (fused_rows.h) are compiled per ISA and picked at run time like the matmul's.
 namespace turbofan::fused {
 
-static inline float row_inv_rms(const float* x, int64_t n, float eps) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += x[j + l] * x[j + l];
-  float tail = 0.f;
-  for (; j < n; ++j) tail += x[j] * x[j];
-  const float ss = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail;
-  return 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "fused_rows.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
+namespace avx512 {
+#include "fused_rows.h"
+}  // namespace avx512
+#pragma GCC pop_options
+
+namespace scalar {
+#include "fused_rows.h"
+}  // namespace scalar
+
+// The row loops of the ISA level in force (turbofan::g_isa).
+#define TF_FUSED(fn) (g_isa == kAvx512 ? avx512::fn : g_isa == kAvx2 ? avx2::fn : scalar::fn)
 
 static void check_rows(const at::Tensor& x, const at::Tensor& w, const char* op) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, op, ": float32 only");
@@ -26,15 +36,10 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   at::Tensor y = at::empty_like(x);
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float inv = row_inv_rms(xp + r * n, n, static_cast<float>(eps));
-      for (int64_t j = 0; j < n; ++j) yp[r * n + j] = (xp[r * n + j] * inv) * wp[j];
-    }
-  });
+  auto fn = TF_FUSED(rms_norm_rows);
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) { fn(xp, wp, yp, r0, r1, n, static_cast<float>(eps)); });
   return y;
 }
 
@@ -48,13 +53,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const at
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
   const float *xp = x.data_ptr<float>(), *rp = res.data_ptr<float>(), *wp = w.data_ptr<float>();
   float *sp = s.data_ptr<float>(), *yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t j = 0; j < n; ++j) sp[r * n + j] = xp[r * n + j] + rp[r * n + j];
-      const float inv = row_inv_rms(sp + r * n, n, static_cast<float>(eps));
-      for (int64_t j = 0; j < n; ++j) yp[r * n + j] = (sp[r * n + j] * inv) * wp[j];
-    }
-  });
+  auto fn = TF_FUSED(add_rms_norm_rows);
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) { fn(xp, rp, wp, sp, yp, r0, r1, n, static_cast<float>(eps)); });
   return {s, y};
 }
 
@@ -65,24 +65,11 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor&
   const int64_t t = x.size(0), h = x.size(1), d = x.size(2), half = d / 2;
   const at::Tensor c = cos_in.reshape({t, half}).contiguous(), s = sin_in.reshape({t, half}).contiguous();
   at::Tensor y = at::empty({t, h, d}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float *cp = c.data_ptr<float>(), *snp = s.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t row_stride = x.stride(0);
-  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float *cr = cp + r * half, *sr = snp + r * half;
-      for (int64_t hh = 0; hh < h; ++hh) {
-        const float* xr = xp + r * row_stride + hh * d;
-        float* yr = yp + (r * h + hh) * d;
-        for (int64_t j = 0; j < half; ++j) {
-          const float x1 = xr[j], x2 = xr[j + half];
-          yr[j] = x1 * cr[j] - x2 * sr[j];
-          yr[j + half] = x2 * cr[j] + x1 * sr[j];
-        }
-      }
-    }
-  });
+  const int64_t stride = x.stride(0);
+  auto fn = TF_FUSED(rope_rows);
+  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) { fn(xp, stride, cp, sp, yp, r0, r1, h, d); });
   return y;
 }
 
@@ -95,23 +82,12 @@ at::Tensor gated_act(const at::Tensor& gu_in, bool gelu) {
   at::Tensor y = at::empty({t, i}, gu.options());
   const float* gp = gu.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float *g = gp + r * 2 * i, *u = g + i;
-      float* o = yp + r * i;
-      if (gelu) {
-        for (int64_t j = 0; j < i; ++j) {
-          const float v = g[j];
-          const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-          o[j] = 0.5f * v * (1.f + std::tanh(inner)) * u[j];
-        }
-      } else {
-        for (int64_t j = 0; j < i; ++j) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
-      }
-    }
-  });
+  auto fn = TF_FUSED(gated_rows);
+  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) { fn(gp, yp, r0, r1, i, gelu); });
   return y;
 }
+
+#undef TF_FUSED
 
 }  // namespace turbofan::fused
 
