@@ -1,4 +1,13 @@
-"""Paged attention equals dense reference attention, whatever the block size, layout, batch mix or window."""
+"""Paged attention equals dense reference attention, whatever the block size, layout, batch mix or window.
+
+Every check runs on each implementation: the C++ kernel (turbofan::paged_attention_varlen) on its AVX-512, AVX2
+and scalar paths, and the PyTorch fallback (padded gather + masked SDPA).
+
+Tolerance: ATOL = 1e-5 absolute. Everything is float32; the kernel differs from the reference only in summation
+order (online softmax over chunks of keys, dot products in vector lanes) and in its exp (a polynomial within
+~1 ulp). Outputs are convex combinations of N(0, 1) values, so with up to ~1,500 keys the rounding stays near
+1e-6; a wrong mask, block or head shows up as an error of order 1.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +17,57 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from turbofan.model.attention import AttentionMetadata, dense_reference_attention, paged_attention
+from turbofan import kernels
+from turbofan.model.attention import (
+    AttentionMetadata,
+    dense_reference_attention,
+    paged_attention,
+    sdpa_paged_attention,
+)
 from turbofan.model.batch import ForwardBatch
 
 ATOL = 1e-5
+ISA_PATHS = ("avx512", "avx2", "scalar")
+PATHS = (*ISA_PATHS, "sdpa")
+
+
+def _skip_unless(path: str) -> None:
+    if path == "sdpa":
+        return
+    if not kernels.available():
+        pytest.skip(f"turbofan kernels unavailable: {kernels.unavailable_reason()}")
+    if kernels.ISA_LEVELS[path] > kernels.ISA_LEVELS[kernels.detected_isa()]:
+        pytest.skip(f"this CPU has no {path}")
+
+
+@pytest.fixture(params=PATHS)
+def path(request) -> str:
+    _skip_unless(request.param)
+    return request.param
+
+
+@pytest.fixture(params=ISA_PATHS)
+def isa_path(request) -> str:
+    _skip_unless(request.param)
+    return request.param
+
+
+def attend(path: str, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window=None):
+    """paged_attention on one implementation."""
+    if path == "sdpa":
+        return sdpa_paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
+    assert meta.use_kernel
+    with kernels.forced_isa(path):
+        return paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
+
+
+@pytest.fixture
+def two_threads():
+    """Kernel work is split across threads (and long contexts into key slices) only with more than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_dense_reference_is_causal_sdpa():
@@ -38,17 +94,16 @@ def test_dense_reference_is_causal_sdpa():
         torch.testing.assert_close(windowed[i], row, atol=ATOL, rtol=0)
 
 
-def run_paged(
+def build_case(
     specs: list[tuple[int, int]],  # (tokens already in the cache, new tokens this step) per sequence
     block_size: int,
     heads: int,
     kv_heads: int,
     head_dim: int,
-    window: int | None,
     seed: int,
     num_blocks: int | None = None,
-) -> None:
-    """Builds a batch whose contexts live in shuffled blocks, runs paged attention, compares every query row."""
+):
+    """A batch whose contexts live in shuffled blocks of a cache full of garbage, and each sequence's full q/k/v."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     need = [-(-(c + n) // block_size) for c, n in specs]
@@ -80,64 +135,205 @@ def run_paged(
         [list(range(new)) for _, new in specs],
         block_size,
     )
-    meta = AttentionMetadata.from_batch(batch)
-    q_new = torch.cat([q[ctx:] for (ctx, _), (q, _, _) in zip(specs, full)])
-    k_new = torch.cat([k[ctx:] for (ctx, _), (_, k, _) in zip(specs, full)])
-    v_new = torch.cat([v[ctx:] for (ctx, _), (_, _, v) in zip(specs, full)])
+    new_qkv = [torch.cat([x[ctx:] for (ctx, _), x in zip(specs, [f[i] for f in full])]) for i in range(3)]
+    return batch, tables, k_cache, v_cache, full, new_qkv
+
+
+def run_paged(
+    specs: list[tuple[int, int]],
+    block_size: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    window: int | None,
+    seed: int,
+    num_blocks: int | None = None,
+    path: str = "avx512",
+) -> torch.Tensor:
+    """Runs one implementation of paged attention on a shuffled-block batch and compares every query row."""
+    batch, tables, k_cache, v_cache, full, (q_new, k_new, v_new) = build_case(
+        specs, block_size, heads, kv_heads, head_dim, seed, num_blocks
+    )
+    meta = AttentionMetadata.from_batch(batch, (window,) if window else ())
     scale = head_dim**-0.5
-    out = paged_attention(q_new, k_new, v_new, k_cache, v_cache, meta, scale, window)
+    out = attend(path, q_new, k_new, v_new, k_cache, v_cache, meta, scale, window)
     assert out.shape == q_new.shape
     row = 0
     for i, ((ctx, new), (q, k, v)) in enumerate(zip(specs, full)):
         ref = dense_reference_attention(q, k, v, scale, window)[ctx:]
         got = out[row : row + new]
         diff = (got - ref).abs().max().item()
-        assert diff <= ATOL, f"sequence {i} (context {ctx}, new {new}): max diff {diff:.3g}"
+        assert diff <= ATOL, f"{path}: sequence {i} (context {ctx}, new {new}): max diff {diff:.3g}"
         row += new
     # the new keys and values landed in their slots
     for (ctx, new), table, (_, k, v) in zip(specs, tables, full):
         for pos in range(ctx, ctx + new):
             slot = table[pos // block_size] * block_size + pos % block_size
             assert torch.equal(k_cache[slot], k[pos]) and torch.equal(v_cache[slot], v[pos])
+    return out
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("window", [None, 1, 5])
-def test_mixed_batch_decode_and_chunked_prefill(block_size, window):
+def test_mixed_batch_decode_and_chunked_prefill(block_size, window, path):
     """Decodes, a fresh prefill, and a chunked prefill that continues after a cached context, in one batch."""
     specs = [(23, 1), (0, 17), (9, 6), (1, 1), (40, 1)]
-    run_paged(specs, block_size, heads=4, kv_heads=2, head_dim=16, window=window, seed=block_size)
+    run_paged(specs, block_size, heads=4, kv_heads=2, head_dim=16, window=window, seed=block_size, path=path)
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_pure_decode_batch(block_size):
-    """The hot shape: every sequence adds one token (AttentionMetadata takes its no-scatter path)."""
+def test_pure_decode_batch(block_size, path):
+    """The hot shape: every sequence adds one token."""
     specs = [(0, 1), (5, 1), (16, 1), (31, 1), (64, 1)]
-    run_paged(specs, block_size, heads=8, kv_heads=8, head_dim=8, window=None, seed=1)
-    run_paged(specs, block_size, heads=8, kv_heads=1, head_dim=8, window=7, seed=2)
+    run_paged(specs, block_size, heads=8, kv_heads=8, head_dim=8, window=None, seed=1, path=path)
+    run_paged(specs, block_size, heads=8, kv_heads=1, head_dim=8, window=7, seed=2, path=path)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_gqa_single_prefill(heads, kv_heads):
+def test_gqa_single_prefill(heads, kv_heads, path):
     run_paged(
-        [(0, 37)], 4, heads=heads, kv_heads=kv_heads, head_dim=32, window=None, seed=heads * 10 + kv_heads
+        [(0, 37)], 4, heads=heads, kv_heads=kv_heads, head_dim=32, window=None, seed=heads * 10 + kv_heads, path=path
     )
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_random_shapes(seed):
+def test_random_shapes(seed, path):
     rng = random.Random(1000 + seed)
-    block_size = rng.choice([1, 2, 4, 8, 16])
+    block_size = rng.choice([1, 2, 4, 8, 16, 32])
     kv_heads = rng.choice([1, 2, 4])
     heads = kv_heads * rng.choice([1, 2, 3])
-    head_dim = rng.choice([4, 8, 32])
+    head_dim = rng.choice([4, 8, 24, 32, 64])
     window = rng.choice([None, None, 1, 2, 7, 30])
     specs = []
     for _ in range(rng.randint(1, 6)):
-        ctx = rng.choice([0, 0, rng.randint(1, 50)])
-        new = rng.choice([1, rng.randint(1, 20)])
+        ctx = rng.choice([0, 0, rng.randint(1, 90)])
+        new = rng.choice([1, rng.randint(1, 40)])
         specs.append((ctx, new))
-    run_paged(specs, block_size, heads, kv_heads, head_dim, window, seed=seed, num_blocks=None)
+    run_paged(specs, block_size, heads, kv_heads, head_dim, window, seed=seed, path=path)
+
+
+# The real models' shapes: SmolLM2 (9 heads over 3 kv heads, head_dim 64) and Gemma 3 (4 over 1, head_dim 256).
+MODEL_SHAPES = {"smollm2": (9, 3, 64), "gemma3": (4, 1, 256)}
+
+
+@pytest.mark.parametrize("shape", MODEL_SHAPES)
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("window", [None, 20])
+def test_model_head_dims(shape, block_size, window, path):
+    """head_dim 64 and 256 (the vector paths), several block sizes, prefill longer than one query tile, decodes."""
+    heads, kv_heads, head_dim = MODEL_SHAPES[shape]
+    specs = [(0, 45), (70, 1), (33, 9), (130, 1), (5, 1), (3, 70)]
+    run_paged(specs, block_size, heads, kv_heads, head_dim, window, seed=block_size, path=path)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (9, 3), (12, 1), (16, 2)])
+def test_gqa_ratios_multi_tile_prefill(heads, kv_heads, path):
+    """Prefill chunks spanning several query tiles after a cached context, for several query/kv head ratios."""
+    specs = [(50, 80), (0, 1), (17, 33)]
+    run_paged(specs, 16, heads, kv_heads, 64, window=33, seed=heads + kv_heads, path=path)
+
+
+@pytest.mark.parametrize("shape", MODEL_SHAPES)
+@pytest.mark.parametrize("window", [None, 700])
+def test_long_contexts_split_across_threads(shape, window, isa_path, two_threads):
+    """Few long sequences: the kernel slices the keys of a tile across threads and merges the slices."""
+    heads, kv_heads, head_dim = MODEL_SHAPES[shape]
+    run_paged([(1500, 1)], 16, heads, kv_heads, head_dim, window, seed=3, path=isa_path)  # one long decode
+    run_paged([(1200, 3), (900, 1)], 16, heads, kv_heads, head_dim, window, seed=4, path=isa_path)  # short chunk
+
+
+def test_kernel_equals_fallback(isa_path):
+    """The kernel and the SDPA fallback agree on one mixed batch (both also match the reference above)."""
+    specs = [(0, 60), (100, 1), (31, 7), (200, 1), (64, 1)]
+    batch, _, k_cache, v_cache, _, (q, k, v) = build_case(specs, 16, 9, 3, 64, seed=7)
+    meta = AttentionMetadata.from_batch(batch, (30,))
+    for window in (None, 30):
+        ours = attend(isa_path, q, k, v, k_cache, v_cache, meta, 0.125, window)
+        fallback = attend("sdpa", q, k, v, k_cache, v_cache, meta, 0.125, window)
+        torch.testing.assert_close(ours, fallback, atol=ATOL, rtol=0)
+
+
+def test_strided_qkv_from_fused_projection(isa_path):
+    """q/k/v as layers.py makes them: reshaped column slices of one fused [T, (H + 2 KVH) D] projection."""
+    specs = [(10, 5), (40, 1)]
+    heads, kv_heads, head_dim = 9, 3, 64
+    batch, _, k_cache, v_cache, _, (q, k, v) = build_case(specs, 16, heads, kv_heads, head_dim, seed=9)
+    t = q.shape[0]
+    fused = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=1)
+    qs, ks, vs = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    qs, ks, vs = (x.reshape(t, -1, head_dim) for x in (qs, ks, vs))
+    assert not ks.is_contiguous()
+    meta = AttentionMetadata.from_batch(batch)
+    expect = attend(isa_path, q, k, v, k_cache.clone(), v_cache.clone(), meta, 0.125)
+    got = attend(isa_path, qs, ks, vs, k_cache, v_cache, meta, 0.125)
+    assert torch.equal(got, expect)
+
+
+def test_kernel_rejects_other_dtypes_and_bf16_takes_the_fallback():
+    if not kernels.available():
+        pytest.skip(f"turbofan kernels unavailable: {kernels.unavailable_reason()}")
+    batch, _, k_cache, v_cache, full, (q, k, v) = build_case([(20, 3), (7, 1)], 4, 4, 2, 32, seed=11)
+    meta = AttentionMetadata.from_batch(batch)
+    bf = [x.bfloat16() for x in (q, k, v, k_cache, v_cache)]
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.turbofan.paged_attention_varlen(
+            *bf, meta.slot_mapping, meta.block_tables, meta.query_start_loc, meta.context_lens, 4, 0.2, 0
+        )
+    out = paged_attention(*bf, meta, 0.2)  # a bf16 cache is served by the PyTorch path
+    ref = torch.cat([dense_reference_attention(*(x.bfloat16().float() for x in f), 0.2)[-n:] for f, n in zip(full, (3, 1))])
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=0)
+
+
+def test_kernel_checks_its_block_tables():
+    """A context longer than its block table, or a block outside the cache, is an error, not a wild read."""
+    if not kernels.available():
+        pytest.skip(f"turbofan kernels unavailable: {kernels.unavailable_reason()}")
+    batch, _, k_cache, v_cache, _, (q, k, v) = build_case([(20, 3)], 4, 4, 2, 32, seed=12)
+    meta = AttentionMetadata.from_batch(batch)
+    op = torch.ops.turbofan.paged_attention_varlen
+    common = (q, k, v, k_cache, v_cache, meta.slot_mapping)
+    with pytest.raises(RuntimeError, match="blocks"):
+        op(*common, meta.block_tables[:, :2], meta.query_start_loc, meta.context_lens, 4, 0.2, 0)
+    bad = meta.block_tables.clone()
+    bad[0, 0] = k_cache.shape[0]
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(*common, bad, meta.query_start_loc, meta.context_lens, 4, 0.2, 0)
+
+
+def test_kernel_in_compiled_graph_keeps_context_length_symbolic():
+    """One fullgraph compile serves every context length: the op is opaque and the block-table width dynamic.
+
+    aot_eager traces what Inductor sees (fake shapes, functionalised cache writes, symbolic sizes) without its
+    code generation; test_tiering.py runs the real Inductor compile of the whole model.
+    """
+    if not kernels.available():
+        pytest.skip(f"turbofan kernels unavailable: {kernels.unavailable_reason()}")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(q, k, v, k_cache, v_cache, meta):
+        return paged_attention(q * 1.0, k, v, k_cache, v_cache, meta, 0.25, 7) + 1.0
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=False)
+    bs, b, heads, kv_heads, head_dim = 4, 3, 4, 2, 16
+    k_cache = torch.zeros(400, kv_heads, head_dim)
+    v_cache = torch.zeros(400, kv_heads, head_dim)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for ctx in (2, 3, 5, 9, 17, 30, 41):  # block tables from 1 to 11 blocks wide
+            tables = [[seq * 30 + j for j in range(-(-ctx // bs))] for seq in range(b)]
+            batch = ForwardBatch.build([[0]] * b, [ctx - 1] * b, tables, [[0]] * b, bs)
+            meta = AttentionMetadata.from_batch(batch)
+            q = torch.randn(b, heads, head_dim, generator=g)
+            k = torch.randn(b, kv_heads, head_dim, generator=g)
+            v = torch.randn(b, kv_heads, head_dim, generator=g)
+            expect = step(q, k, v, k_cache.clone(), v_cache.clone(), meta)
+            got = compiled(q, k, v, k_cache, v_cache, meta)
+            torch.testing.assert_close(got, expect, atol=0, rtol=0)
+            assert torch.equal(k_cache[batch.slot_mapping], k)  # the compiled call wrote the cache
+            assert torch.equal(v_cache[batch.slot_mapping], v)
+    assert counter.frame_count == 1
 
 
 def test_window_mask_is_cached_per_window():
@@ -146,3 +342,15 @@ def test_window_mask_is_cached_per_window():
     assert meta.mask(None) is meta.base_mask
     assert meta.mask(2) is meta.mask(2)
     assert not torch.equal(meta.mask(2), meta.mask(None))
+
+
+def test_metadata_is_per_step_not_per_context():
+    """What the kernel gets per step is O(batch + blocks); the fallback's [B, C] tensors are only built on use."""
+    if not kernels.available():
+        pytest.skip(f"turbofan kernels unavailable: {kernels.unavailable_reason()}")
+    batch = ForwardBatch.build([[1] * 5, [2]], [0, 700], [[0, 1], list(range(2, 47))], [[4], [0]], 16)
+    meta = AttentionMetadata.from_batch(batch)
+    assert meta.use_kernel and meta._dense is None
+    assert meta.query_start_loc.tolist() == [0, 5, 6]
+    assert meta.gather_slots.shape == (2, 701)  # the fallback's view still works when asked for
+    assert meta._dense is not None

@@ -10,6 +10,13 @@ def _qlinear_fake(x, qweight, scales, mins, wsum, bias):
     return x.new_empty((x.shape[0], qweight.shape[0] * 16), dtype=torch.float32)
 
 
+@torch.library.register_fake("turbofan::paged_attention_varlen")
+def _paged_attention_varlen(
+    q, k, v, k_cache, v_cache, slot_mapping, block_tables, query_start_loc, context_lens, block_size, scale, window
+):
+    return q.new_empty(q.shape)
+
+
 @torch.library.register_fake("turbofan::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x)

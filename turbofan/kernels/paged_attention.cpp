@@ -1,0 +1,991 @@
+// Varlen paged attention that reads the paged KV cache in place (issue 15).
+//
+//   turbofan::paged_attention_varlen(q [T,H,D], k, v [T,KVH,D], k_cache!, v_cache! [S,KVH,D], slot_mapping [T],
+//                                    block_tables [B,W], query_start_loc [B+1], context_lens [B],
+//                                    block_size, scale, window) -> [T,H,D]
+//
+// First this step's k/v rows are written into their slots, then every query row attends over its own sequence's
+// context through the block table: no padded copy, online softmax in float32. Sequence b owns query rows
+// query_start_loc[b] .. query_start_loc[b+1] (Q of them) and has C = context_lens[b] tokens in the cache after
+// the write; its query i sits at position C-Q+i and sees positions p with p <= that position and, with a window
+// w > 0, p > position - w. One op covers decode rows (Q = 1), fresh prefills and prefill chunks after a cached
+// context, in any mix.
+//
+// Work is split into units of (sequence, kv head, tile of queries[, slice of keys]). The query heads that share a
+// kv head are processed together, so each K/V row is read once per tile (GQA without repeating K/V). Units run on
+// at::parallel_for's threads, claimed longest-first from a shared counter. When there are few units (one long
+// decode, say) the key range is split and the slices merged afterwards (flash-decoding), so both cores work.
+//
+// Two inner kernels per ISA, called once per chunk of keys:
+//   row form   - queries as rows [M][D]: dot products of each row with each key, 4 keys reduced together.
+//                Used for decode tiles (one query position, M = query heads per kv head) and by the scalar path.
+//   lanes form - queries along the vector lanes ([D][Mp], transposed once per tile): scores, max, exp and the
+//                running sums are all vertical, so a prefill tile of up to 4 vectors of query rows runs at
+//                FMA speed with K/V elements broadcast straight from the cache.
+// The ISA level is turbofan::g_isa (set from Python); the AVX paths need head_dim % 16 (AVX-512) or % 8 (AVX2)
+// and otherwise drop to the next level that fits.
+#include <atomic>
+#include <limits>
+
+namespace turbofan {
+namespace attn {
+
+#define TF_ATTN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define TF_ATTN_AVX2 __attribute__((target("avx2,fma")))
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kMaxRows = 64;       // query rows per tile (row form)
+constexpr int kMinSplitKeys = 256;  // a key slice of a split unit is at least this long
+constexpr int64_t kPrefetchBytes = 64 << 10;  // how far ahead (K and V bytes) the prefetch walker runs
+
+// One chunk of at most `nc` keys for one tile. Layouts depend on the form (see above).
+struct Chunk {
+  const float* q;   // row: [M][D] (scaled); lanes: [D][Mp] (scaled, zero in padding lanes)
+  float* o;         // row: [M][D]; lanes: [D][Mp]  - unnormalised output, rescaled as the max moves
+  float* s;         // row: [M][nc]; lanes: [nc][Mp] - scores, then probabilities
+  float* m;         // running max per row / lane
+  float* l;         // running sum per row / lane
+  float* alpha;     // this chunk's rescale factor per row / lane
+  const int32_t* lo;  // first visible key position per row / lane
+  const int32_t* hi;  // last visible key position per row / lane
+  const float* const* kp;  // key j's row in the cache
+  const float* const* vp;
+  int M, Mp, D, nc, n, p0;
+  bool masked;  // some key in this chunk is outside some row's [lo, hi]
+};
+
+using ChunkFn = void (*)(const Chunk&);
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scalar (and the reference for the vector paths' structure)
+
+static inline void mask_rows(const Chunk& c) {
+  for (int r = 0; r < c.M; ++r) {
+    float* sr = c.s + static_cast<size_t>(r) * c.nc;
+    for (int j = 0; j < c.n; ++j) {
+      const int p = c.p0 + j;
+      if (p < c.lo[r] || p > c.hi[r]) sr[j] = kNegInf;
+    }
+  }
+}
+
+static void row_chunk_scalar(const Chunk& c) {
+  const int D = c.D;
+  for (int r = 0; r < c.M; ++r) {
+    const float* qr = c.q + static_cast<size_t>(r) * D;
+    float* sr = c.s + static_cast<size_t>(r) * c.nc;
+    for (int j = 0; j < c.n; ++j) {
+      const float* kr = c.kp[j];
+      float acc = 0.f;
+      for (int d = 0; d < D; ++d) acc += qr[d] * kr[d];
+      sr[j] = acc;
+    }
+  }
+  if (c.masked) mask_rows(c);
+  for (int r = 0; r < c.M; ++r) {
+    float* sr = c.s + static_cast<size_t>(r) * c.nc;
+    float mx = kNegInf;
+    for (int j = 0; j < c.n; ++j) mx = std::max(mx, sr[j]);
+    const float mnew = std::max(c.m[r], mx);
+    float* orow = c.o + static_cast<size_t>(r) * D;
+    if (mnew == kNegInf) continue;  // nothing visible to this row yet
+    const float alpha = c.m[r] == kNegInf ? 0.f : std::exp(c.m[r] - mnew);
+    float sum = 0.f;
+    for (int j = 0; j < c.n; ++j) {
+      sr[j] = std::exp(sr[j] - mnew);
+      sum += sr[j];
+    }
+    c.l[r] = c.l[r] * alpha + sum;
+    c.m[r] = mnew;
+    for (int d = 0; d < D; ++d) orow[d] *= alpha;
+    for (int j = 0; j < c.n; ++j) {
+      const float p = sr[j];
+      const float* vr = c.vp[j];
+      for (int d = 0; d < D; ++d) orow[d] += p * vr[d];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX-512
+
+TF_ATTN_AVX512 static inline __m512 exp_avx512(__m512 x) {
+  // Cephes expf: x = n ln2 + r, e^r by a degree-6 polynomial, times 2^n (scalef). About 1 ulp; exactly 0 for
+  // x < -87.3 (so -inf, a masked score, gives 0).
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365447505f), _CMP_GE_OQ);
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447505f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, fx));
+}
+
+// The four horizontal sums of a, b, c, d in one xmm.
+TF_ATTN_AVX512 static inline __m128 hsum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+template <int R, int NV>
+TF_ATTN_AVX512 static inline void row_pv_avx512(const Chunk& c, int r0, int d0) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(c.alpha[r0 + r]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 16 * v), a);
+  }
+  for (int j = 0; j < c.n; ++j) {
+    const float* vr = c.vp[j] + d0;
+    __m512 vv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_ps(vr + 16 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(c.s[static_cast<size_t>(r0 + r) * c.nc + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(p, vv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 16 * v, acc[r][v]);
+}
+
+template <int R>
+TF_ATTN_AVX512 static inline void row_pv_rows_avx512(const Chunk& c, int r0) {
+  int d0 = 0;
+  for (; d0 + 64 <= c.D; d0 += 64) row_pv_avx512<R, 4>(c, r0, d0);
+  for (; d0 < c.D; d0 += 16) row_pv_avx512<R, 1>(c, r0, d0);
+}
+
+TF_ATTN_AVX512 static void row_chunk_avx512(const Chunk& c) {
+  const int D = c.D, n = c.n;
+  for (int r = 0; r < c.M; ++r) {
+    const float* qr = c.q + static_cast<size_t>(r) * D;
+    float* sr = c.s + static_cast<size_t>(r) * c.nc;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float *k0 = c.kp[j], *k1 = c.kp[j + 1], *k2 = c.kp[j + 2], *k3 = c.kp[j + 3];
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < D; d += 16) {
+        const __m512 qv = _mm512_loadu_ps(qr + d);
+        a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + d), a0);
+        a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k1 + d), a1);
+        a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k2 + d), a2);
+        a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k3 + d), a3);
+      }
+      _mm_storeu_ps(sr + j, hsum4_avx512(a0, a1, a2, a3));
+    }
+    for (; j < n; ++j) {
+      __m512 a0 = _mm512_setzero_ps();
+      for (int d = 0; d < D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), _mm512_loadu_ps(c.kp[j] + d), a0);
+      sr[j] = _mm512_reduce_add_ps(a0);
+    }
+  }
+  if (c.masked) mask_rows(c);
+  const int nv = (n + 15) & ~15;  // nc is a multiple of 16: pad the tail with -inf and use whole vectors
+  for (int r = 0; r < c.M; ++r) {
+    float* sr = c.s + static_cast<size_t>(r) * c.nc;
+    for (int j = n; j < nv; ++j) sr[j] = kNegInf;
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int j = 0; j < nv; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + j));
+    const float mnew = std::max(c.m[r], _mm512_reduce_max_ps(mx));
+    if (mnew == kNegInf) {  // nothing visible to this row yet: contributes nothing, keeps its (zero) state
+      c.alpha[r] = 1.f;
+      for (int j = 0; j < nv; ++j) sr[j] = 0.f;
+      continue;
+    }
+    const float alpha = c.m[r] == kNegInf ? 0.f : std::exp(c.m[r] - mnew);
+    const __m512 mb = _mm512_set1_ps(mnew);
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < nv; j += 16) {
+      const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mb));
+      _mm512_storeu_ps(sr + j, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    c.l[r] = c.l[r] * alpha + _mm512_reduce_add_ps(sum);
+    c.m[r] = mnew;
+    c.alpha[r] = alpha;
+  }
+  int r0 = 0;
+  for (; r0 + 4 <= c.M; r0 += 4) row_pv_rows_avx512<4>(c, r0);
+  switch (c.M - r0) {
+    case 3: row_pv_rows_avx512<3>(c, r0); break;
+    case 2: row_pv_rows_avx512<2>(c, r0); break;
+    case 1: row_pv_rows_avx512<1>(c, r0); break;
+    default: break;
+  }
+}
+
+template <int MV, int KJ>
+TF_ATTN_AVX512 static inline void lanes_qk_avx512(const Chunk& c, int j0) {
+  __m512 acc[KJ][MV];
+  const float* kr[KJ];
+#pragma GCC unroll 8
+  for (int k = 0; k < KJ; ++k) {
+    kr[k] = c.kp[j0 + k];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) acc[k][v] = _mm512_setzero_ps();
+  }
+  for (int d = 0; d < c.D; ++d) {
+    __m512 qv[MV];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) qv[v] = _mm512_loadu_ps(c.q + static_cast<size_t>(d) * c.Mp + 16 * v);
+#pragma GCC unroll 8
+    for (int k = 0; k < KJ; ++k) {
+      const __m512 kb = _mm512_set1_ps(kr[k][d]);
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[k][v] = _mm512_fmadd_ps(kb, qv[v], acc[k][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < KJ; ++k)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c.s + static_cast<size_t>(j0 + k) * c.Mp + 16 * v, acc[k][v]);
+}
+
+template <int MV, int DB>
+TF_ATTN_AVX512 static inline void lanes_pv_avx512(const Chunk& c, int d0, const __m512* alpha) {
+  __m512 acc[DB][MV];
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v)
+      acc[e][v] = _mm512_mul_ps(_mm512_loadu_ps(c.o + static_cast<size_t>(d0 + e) * c.Mp + 16 * v), alpha[v]);
+  for (int j = 0; j < c.n; ++j) {
+    __m512 p[MV];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) p[v] = _mm512_loadu_ps(c.s + static_cast<size_t>(j) * c.Mp + 16 * v);
+    const float* vr = c.vp[j] + d0;
+#pragma GCC unroll 16
+    for (int e = 0; e < DB; ++e) {
+      const __m512 vb = _mm512_set1_ps(vr[e]);
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[e][v] = _mm512_fmadd_ps(vb, p[v], acc[e][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c.o + static_cast<size_t>(d0 + e) * c.Mp + 16 * v, acc[e][v]);
+}
+
+template <int MV>
+TF_ATTN_AVX512 static void lanes_chunk_avx512_t(const Chunk& c) {
+  constexpr int KJ = MV >= 3 ? 4 : 8;
+  constexpr int DB = MV == 1 ? 16 : MV == 2 ? 8 : 4;
+  int j = 0;
+  for (; j + KJ <= c.n; j += KJ) lanes_qk_avx512<MV, KJ>(c, j);
+  for (; j < c.n; ++j) lanes_qk_avx512<MV, 1>(c, j);
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  if (c.masked) {
+    for (j = 0; j < c.n; ++j) {
+      const __m512i pj = _mm512_set1_epi32(c.p0 + j);
+      for (int v = 0; v < MV; ++v) {
+        const __m512i lo = _mm512_loadu_si512(c.lo + 16 * v);
+        const __m512i hi = _mm512_loadu_si512(c.hi + 16 * v);
+        const __mmask16 ok = _mm512_cmp_epi32_mask(lo, pj, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(pj, hi, _MM_CMPINT_LE);
+        float* sj = c.s + static_cast<size_t>(j) * c.Mp + 16 * v;
+        _mm512_storeu_ps(sj, _mm512_mask_mov_ps(ninf, ok, _mm512_loadu_ps(sj)));
+      }
+    }
+  }
+  __m512 alpha[MV];
+  for (int v = 0; v < MV; ++v) {
+    __m512 mx = ninf;
+    for (j = 0; j < c.n; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(c.s + static_cast<size_t>(j) * c.Mp + 16 * v));
+    const __m512 mold = _mm512_loadu_ps(c.m + 16 * v);
+    const __m512 mnew = _mm512_max_ps(mold, mx);
+    // Lanes that have seen nothing yet keep max -inf; subtract 0 there so exp gives 0 instead of NaN.
+    const __m512 safe = _mm512_mask_mov_ps(mnew, _mm512_cmp_ps_mask(mnew, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
+    alpha[v] = exp_avx512(_mm512_sub_ps(mold, safe));
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < c.n; ++j) {
+      float* sj = c.s + static_cast<size_t>(j) * c.Mp + 16 * v;
+      const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(sj), safe));
+      _mm512_storeu_ps(sj, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    _mm512_storeu_ps(c.l + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(c.l + 16 * v), alpha[v], sum));
+    _mm512_storeu_ps(c.m + 16 * v, mnew);
+  }
+  for (int d0 = 0; d0 < c.D; d0 += DB) lanes_pv_avx512<MV, DB>(c, d0, alpha);
+}
+
+TF_ATTN_AVX512 static void lanes_chunk_avx512(const Chunk& c) {
+  switch (c.Mp / 16) {
+    case 1: lanes_chunk_avx512_t<1>(c); break;
+    case 2: lanes_chunk_avx512_t<2>(c); break;
+    case 3: lanes_chunk_avx512_t<3>(c); break;
+    default: lanes_chunk_avx512_t<4>(c); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX2 (the same kernels on 8 lanes)
+
+TF_ATTN_AVX2 static inline __m256 exp_avx2(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447505f), _CMP_GE_OQ);
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447505f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  // 2^n for n in [-126, 128) straight into the exponent bits
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), live);
+}
+
+TF_ATTN_AVX2 static inline float hsum_avx2(__m256 a) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+TF_ATTN_AVX2 static inline float hmax_avx2(__m256 a) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+TF_ATTN_AVX2 static inline __m128 hsum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+  const __m256 u = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+template <int R, int NV>
+TF_ATTN_AVX2 static inline void row_pv_avx2(const Chunk& c, int r0, int d0) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m256 a = _mm256_set1_ps(c.alpha[r0 + r]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = _mm256_mul_ps(_mm256_loadu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 8 * v), a);
+  }
+  for (int j = 0; j < c.n; ++j) {
+    const float* vr = c.vp[j] + d0;
+    __m256 vv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vv[v] = _mm256_loadu_ps(vr + 8 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 p = _mm256_set1_ps(c.s[static_cast<size_t>(r0 + r) * c.nc + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(p, vv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 8 * v, acc[r][v]);
+}
+
+template <int R>
+TF_ATTN_AVX2 static inline void row_pv_rows_avx2(const Chunk& c, int r0) {
+  int d0 = 0;
+  for (; d0 + 16 <= c.D; d0 += 16) row_pv_avx2<R, 2>(c, r0, d0);
+  for (; d0 < c.D; d0 += 8) row_pv_avx2<R, 1>(c, r0, d0);
+}
+
+TF_ATTN_AVX2 static void row_chunk_avx2(const Chunk& c) {
+  const int D = c.D, n = c.n;
+  for (int r = 0; r < c.M; ++r) {
+    const float* qr = c.q + static_cast<size_t>(r) * D;
+    float* sr = c.s + static_cast<size_t>(r) * c.nc;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float *k0 = c.kp[j], *k1 = c.kp[j + 1], *k2 = c.kp[j + 2], *k3 = c.kp[j + 3];
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+      }
+      _mm_storeu_ps(sr + j, hsum4_avx2(a0, a1, a2, a3));
+    }
+    for (; j < n; ++j) {
+      __m256 a0 = _mm256_setzero_ps();
+      for (int d = 0; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(c.kp[j] + d), a0);
+      sr[j] = hsum_avx2(a0);
+    }
+  }
+  if (c.masked) mask_rows(c);
+  const int nv = (n + 7) & ~7;
+  for (int r = 0; r < c.M; ++r) {
+    float* sr = c.s + static_cast<size_t>(r) * c.nc;
+    for (int j = n; j < nv; ++j) sr[j] = kNegInf;
+    __m256 mx = _mm256_set1_ps(kNegInf);
+    for (int j = 0; j < nv; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
+    const float mnew = std::max(c.m[r], hmax_avx2(mx));
+    if (mnew == kNegInf) {
+      c.alpha[r] = 1.f;
+      for (int j = 0; j < nv; ++j) sr[j] = 0.f;
+      continue;
+    }
+    const float alpha = c.m[r] == kNegInf ? 0.f : std::exp(c.m[r] - mnew);
+    const __m256 mb = _mm256_set1_ps(mnew);
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < nv; j += 8) {
+      const __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mb));
+      _mm256_storeu_ps(sr + j, p);
+      sum = _mm256_add_ps(sum, p);
+    }
+    c.l[r] = c.l[r] * alpha + hsum_avx2(sum);
+    c.m[r] = mnew;
+    c.alpha[r] = alpha;
+  }
+  int r0 = 0;
+  for (; r0 + 4 <= c.M; r0 += 4) row_pv_rows_avx2<4>(c, r0);
+  switch (c.M - r0) {
+    case 3: row_pv_rows_avx2<3>(c, r0); break;
+    case 2: row_pv_rows_avx2<2>(c, r0); break;
+    case 1: row_pv_rows_avx2<1>(c, r0); break;
+    default: break;
+  }
+}
+
+template <int MV, int KJ>
+TF_ATTN_AVX2 static inline void lanes_qk_avx2(const Chunk& c, int j0) {
+  __m256 acc[KJ][MV];
+  const float* kr[KJ];
+#pragma GCC unroll 8
+  for (int k = 0; k < KJ; ++k) {
+    kr[k] = c.kp[j0 + k];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) acc[k][v] = _mm256_setzero_ps();
+  }
+  for (int d = 0; d < c.D; ++d) {
+    __m256 qv[MV];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) qv[v] = _mm256_loadu_ps(c.q + static_cast<size_t>(d) * c.Mp + 8 * v);
+#pragma GCC unroll 8
+    for (int k = 0; k < KJ; ++k) {
+      const __m256 kb = _mm256_broadcast_ss(kr[k] + d);
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[k][v] = _mm256_fmadd_ps(kb, qv[v], acc[k][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < KJ; ++k)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(c.s + static_cast<size_t>(j0 + k) * c.Mp + 8 * v, acc[k][v]);
+}
+
+template <int MV, int DB>
+TF_ATTN_AVX2 static inline void lanes_pv_avx2(const Chunk& c, int d0, const __m256* alpha) {
+  __m256 acc[DB][MV];
+#pragma GCC unroll 8
+  for (int e = 0; e < DB; ++e)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v)
+      acc[e][v] = _mm256_mul_ps(_mm256_loadu_ps(c.o + static_cast<size_t>(d0 + e) * c.Mp + 8 * v), alpha[v]);
+  for (int j = 0; j < c.n; ++j) {
+    __m256 p[MV];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) p[v] = _mm256_loadu_ps(c.s + static_cast<size_t>(j) * c.Mp + 8 * v);
+    const float* vr = c.vp[j] + d0;
+#pragma GCC unroll 8
+    for (int e = 0; e < DB; ++e) {
+      const __m256 vb = _mm256_broadcast_ss(vr + e);
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[e][v] = _mm256_fmadd_ps(vb, p[v], acc[e][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int e = 0; e < DB; ++e)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(c.o + static_cast<size_t>(d0 + e) * c.Mp + 8 * v, acc[e][v]);
+}
+
+template <int MV>
+TF_ATTN_AVX2 static void lanes_chunk_avx2_t(const Chunk& c) {
+  constexpr int KJ = MV == 1 ? 8 : MV == 2 ? 4 : MV == 3 ? 3 : 2;
+  constexpr int DB = MV == 1 ? 8 : MV == 2 ? 4 : 2;
+  int j = 0;
+  for (; j + KJ <= c.n; j += KJ) lanes_qk_avx2<MV, KJ>(c, j);
+  for (; j < c.n; ++j) lanes_qk_avx2<MV, 1>(c, j);
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  if (c.masked) {
+    for (j = 0; j < c.n; ++j) {
+      const __m256i pj = _mm256_set1_epi32(c.p0 + j);
+      for (int v = 0; v < MV; ++v) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.lo + 8 * v));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.hi + 8 * v));
+        // outside: lo > p or p > hi
+        const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi32(lo, pj), _mm256_cmpgt_epi32(pj, hi));
+        float* sj = c.s + static_cast<size_t>(j) * c.Mp + 8 * v;
+        _mm256_storeu_ps(sj, _mm256_blendv_ps(_mm256_loadu_ps(sj), ninf, _mm256_castsi256_ps(out)));
+      }
+    }
+  }
+  __m256 alpha[MV];
+  for (int v = 0; v < MV; ++v) {
+    __m256 mx = ninf;
+    for (j = 0; j < c.n; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(c.s + static_cast<size_t>(j) * c.Mp + 8 * v));
+    const __m256 mold = _mm256_loadu_ps(c.m + 8 * v);
+    const __m256 mnew = _mm256_max_ps(mold, mx);
+    const __m256 safe = _mm256_blendv_ps(mnew, _mm256_setzero_ps(), _mm256_cmp_ps(mnew, ninf, _CMP_EQ_OQ));
+    alpha[v] = exp_avx2(_mm256_sub_ps(mold, safe));
+    __m256 sum = _mm256_setzero_ps();
+    for (j = 0; j < c.n; ++j) {
+      float* sj = c.s + static_cast<size_t>(j) * c.Mp + 8 * v;
+      const __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sj), safe));
+      _mm256_storeu_ps(sj, p);
+      sum = _mm256_add_ps(sum, p);
+    }
+    _mm256_storeu_ps(c.l + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(c.l + 8 * v), alpha[v], sum));
+    _mm256_storeu_ps(c.m + 8 * v, mnew);
+  }
+  for (int d0 = 0; d0 < c.D; d0 += DB) lanes_pv_avx2<MV, DB>(c, d0, alpha);
+}
+
+TF_ATTN_AVX2 static void lanes_chunk_avx2(const Chunk& c) {
+  switch (c.Mp / 8) {
+    case 1: lanes_chunk_avx2_t<1>(c); break;
+    case 2: lanes_chunk_avx2_t<2>(c); break;
+    case 3: lanes_chunk_avx2_t<3>(c); break;
+    default: lanes_chunk_avx2_t<4>(c); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Driver
+
+struct Kernels {
+  ChunkFn row;
+  ChunkFn lanes;  // nullptr: no lanes kernel (scalar)
+  int vl;         // lanes per vector
+};
+
+static Kernels kernels_for(int64_t level) {
+  if (level >= kAvx512) return {&row_chunk_avx512, &lanes_chunk_avx512, 16};
+  if (level == kAvx2) return {&row_chunk_avx2, &lanes_chunk_avx2, 8};
+  return {&row_chunk_scalar, nullptr, 1};
+}
+
+struct Problem {
+  const float* q;
+  int64_t q_tok, q_head;  // strides (elements); the last dim is contiguous
+  float* out;             // [T, H, D] contiguous
+  const float* k_cache;
+  const float* v_cache;
+  const int64_t* block_tables;
+  int64_t bt_stride;
+  const int64_t* qsl;
+  const int64_t* ctx;
+  int64_t H, KVH, D, group, block_size, window, slot_stride;
+  float scale;
+};
+
+struct Unit {
+  int64_t cost;
+  int32_t b, g, q0, q1;  // sequence, kv head, query rows [q0, q1) of the sequence
+  int32_t k0, k1;        // key positions [k0, k1)
+  int64_t partial;       // float offset of this slice's (m, l, o) in the partial buffer; -1: write the output
+  bool lanes;
+};
+
+struct Scratch {
+  std::vector<float> q, o, s, m, l, alpha;
+  std::vector<int32_t> lo, hi;
+  std::vector<const float*> kp, vp;
+};
+
+static int chunk_keys(int64_t D) { return D <= 128 ? 32 : 16; }
+
+static void run_unit(const Problem& P, const Kernels& K, const Unit& u, float* partials, Scratch& sc) {
+  const int D = static_cast<int>(P.D);
+  const int group = static_cast<int>(P.group);
+  const int nq = u.q1 - u.q0;
+  const int M = nq * group;
+  const int Mp = u.lanes ? (M + K.vl - 1) / K.vl * K.vl : M;
+  const int nc = chunk_keys(D);
+  const int64_t qbase = P.qsl[u.b];
+  const int64_t first = P.ctx[u.b] - (P.qsl[u.b + 1] - qbase);  // position of the sequence's query 0
+
+  sc.q.assign(static_cast<size_t>(Mp) * D, 0.f);
+  sc.o.assign(static_cast<size_t>(Mp) * D, 0.f);
+  sc.s.resize(static_cast<size_t>(Mp) * nc + 16);
+  sc.m.assign(Mp, kNegInf);
+  sc.l.assign(Mp, 0.f);
+  sc.alpha.resize(Mp);
+  sc.lo.assign(Mp, std::numeric_limits<int32_t>::max());
+  sc.hi.assign(Mp, std::numeric_limits<int32_t>::min());
+  sc.kp.resize(nc);
+  sc.vp.resize(nc);
+
+  int32_t max_lo = 0, min_hi = std::numeric_limits<int32_t>::max();
+  for (int i = 0; i < nq; ++i) {
+    const int64_t pos = first + u.q0 + i;
+    const int32_t lo = P.window > 0 ? static_cast<int32_t>(std::max<int64_t>(0, pos - P.window + 1)) : 0;
+    max_lo = std::max(max_lo, lo);
+    min_hi = std::min(min_hi, static_cast<int32_t>(pos));
+    const float* qt = P.q + (qbase + u.q0 + i) * P.q_tok;
+    for (int hh = 0; hh < group; ++hh) {
+      const int r = i * group + hh;
+      sc.lo[r] = lo;
+      sc.hi[r] = static_cast<int32_t>(pos);
+      const float* qr = qt + (u.g * P.group + hh) * P.q_head;
+      if (u.lanes) {
+        for (int d = 0; d < D; ++d) sc.q[static_cast<size_t>(d) * Mp + r] = qr[d] * P.scale;
+      } else {
+        for (int d = 0; d < D; ++d) sc.q[static_cast<size_t>(r) * D + d] = qr[d] * P.scale;
+      }
+    }
+  }
+
+  Chunk c;
+  c.q = sc.q.data();
+  c.o = sc.o.data();
+  c.s = sc.s.data();
+  c.m = sc.m.data();
+  c.l = sc.l.data();
+  c.alpha = sc.alpha.data();
+  c.lo = sc.lo.data();
+  c.hi = sc.hi.data();
+  c.kp = sc.kp.data();
+  c.vp = sc.vp.data();
+  c.M = M;
+  c.Mp = Mp;
+  c.D = D;
+  c.nc = nc;
+  const ChunkFn fn = u.lanes ? K.lanes : K.row;
+  const int64_t* table = P.block_tables + u.b * P.bt_stride;
+  const int64_t bs = P.block_size;
+  const int64_t head_off = u.g * P.D;
+  // Walk the block table incrementally (no division per key). A second walker runs ahead and prefetches the
+  // rows of keys still to come into L2: contexts sit in scattered blocks, which hardware prefetchers do not follow.
+  int64_t blk = u.k0 / bs, off = u.k0 % bs;
+  int64_t base = table[blk] * bs;
+  int64_t pf_blk = blk, pf_off = off, pf_base = base;
+  int32_t pf_pos = u.k0;
+  const int64_t row_bytes = P.D * static_cast<int64_t>(sizeof(float));
+  const int32_t ahead = static_cast<int32_t>(std::max<int64_t>(nc, kPrefetchBytes / (2 * row_bytes)));
+  for (int32_t p0 = u.k0; p0 < u.k1; p0 += nc) {
+    const int n = static_cast<int>(std::min<int64_t>(nc, u.k1 - p0));
+    const int32_t pf_end = static_cast<int32_t>(std::min<int64_t>(u.k1, static_cast<int64_t>(p0) + n + ahead));
+    for (; pf_pos < pf_end; ++pf_pos) {
+      const int64_t row = (pf_base + pf_off) * P.slot_stride + head_off;
+      const char* kr = reinterpret_cast<const char*>(P.k_cache + row);
+      const char* vr = reinterpret_cast<const char*>(P.v_cache + row);
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        _mm_prefetch(kr + b, _MM_HINT_T1);
+        _mm_prefetch(vr + b, _MM_HINT_T1);
+      }
+      if (++pf_off == bs && pf_pos + 1 < u.k1) {
+        pf_off = 0;
+        pf_base = table[++pf_blk] * bs;
+      }
+    }
+    for (int j = 0; j < n; ++j) {
+      const int64_t row = (base + off) * P.slot_stride + head_off;
+      sc.kp[j] = P.k_cache + row;
+      sc.vp[j] = P.v_cache + row;
+      if (++off == bs && p0 + j + 1 < u.k1) {
+        off = 0;
+        base = table[++blk] * bs;
+      }
+    }
+    c.n = n;
+    c.p0 = p0;
+    c.masked = !(p0 >= max_lo && p0 + n - 1 <= min_hi);
+    fn(c);
+  }
+
+  // out = o / l, or the slice's (m, l, o) for the merge
+  for (int i = 0; i < nq; ++i) {
+    for (int hh = 0; hh < group; ++hh) {
+      const int r = i * group + hh;
+      float* dst;
+      float inv;
+      if (u.partial < 0) {
+        dst = P.out + ((qbase + u.q0 + i) * P.H + u.g * P.group + hh) * P.D;
+        inv = 1.f / sc.l[r];
+      } else {
+        float* rec = partials + u.partial + static_cast<int64_t>(r) * (D + 2);
+        rec[0] = sc.m[r];
+        rec[1] = sc.l[r];
+        dst = rec + 2;
+        inv = 1.f;
+      }
+      if (u.lanes) {
+        for (int d = 0; d < D; ++d) dst[d] = sc.o[static_cast<size_t>(d) * Mp + r] * inv;
+      } else {
+        const float* src = sc.o.data() + static_cast<size_t>(r) * D;
+        for (int d = 0; d < D; ++d) dst[d] = src[d] * inv;
+      }
+    }
+  }
+}
+
+// The units of one call: tiles of queries per (sequence, kv head), long ones split by keys when the whole call
+// would otherwise leave threads idle. `splits` lists, per split tile, its first unit and slice count.
+struct Plan {
+  std::vector<Unit> units;
+  std::vector<std::pair<int64_t, int32_t>> splits;
+  int64_t partial_floats = 0;
+  int64_t total_cost = 0;
+};
+
+static Plan make_plan(const Problem& P, const Kernels& K, int64_t B, int64_t threads) {
+  Plan plan;
+  std::vector<Unit> tiles;
+  const int64_t lanes_rows = 4 * static_cast<int64_t>(K.vl);
+  const bool lanes_ok = K.lanes != nullptr && P.group <= lanes_rows;
+  const int64_t lanes_tile = std::max<int64_t>(1, lanes_rows / P.group);
+  const int64_t row_tile = std::max<int64_t>(1, kMaxRows / P.group);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t qlen = P.qsl[b + 1] - P.qsl[b];
+    const int64_t first = P.ctx[b] - qlen;
+    const bool lanes = lanes_ok && qlen > 1;
+    const int64_t tile = qlen == 1 ? 1 : lanes ? lanes_tile : row_tile;
+    for (int64_t q0 = 0; q0 < qlen; q0 += tile) {
+      const int64_t q1 = std::min(qlen, q0 + tile);
+      const int64_t k0 = P.window > 0 ? std::max<int64_t>(0, first + q0 - P.window + 1) : 0;
+      const int64_t k1 = first + q1;
+      const int64_t rows = (q1 - q0) * P.group;
+      const int64_t width = lanes ? (rows + K.vl - 1) / K.vl * K.vl : rows;
+      for (int64_t g = 0; g < P.KVH; ++g) {
+        Unit u;
+        u.cost = width * (k1 - k0 + 8);
+        u.b = static_cast<int32_t>(b);
+        u.g = static_cast<int32_t>(g);
+        u.q0 = static_cast<int32_t>(q0);
+        u.q1 = static_cast<int32_t>(q1);
+        u.k0 = static_cast<int32_t>(k0);
+        u.k1 = static_cast<int32_t>(k1);
+        u.partial = -1;
+        u.lanes = lanes;
+        tiles.push_back(u);
+        plan.total_cost += u.cost;
+      }
+    }
+  }
+  const int64_t target = threads > 1 ? std::max<int64_t>(1, plan.total_cost / (4 * threads)) : plan.total_cost + 1;
+  for (const Unit& t : tiles) {
+    const int64_t keys = t.k1 - t.k0;
+    const int64_t parts = std::min((t.cost + target - 1) / target, keys / kMinSplitKeys);
+    if (parts <= 1) {
+      plan.units.push_back(t);
+      continue;
+    }
+    plan.splits.emplace_back(static_cast<int64_t>(plan.units.size()), static_cast<int32_t>(parts));
+    const int64_t rows = (t.q1 - t.q0) * P.group;
+    for (int64_t p = 0; p < parts; ++p) {
+      Unit u = t;
+      u.k0 = static_cast<int32_t>(t.k0 + keys * p / parts);
+      u.k1 = static_cast<int32_t>(t.k0 + keys * (p + 1) / parts);
+      u.cost = t.cost * (u.k1 - u.k0) / keys;
+      u.partial = plan.partial_floats;
+      plan.partial_floats += rows * (P.D + 2);
+      plan.units.push_back(u);
+    }
+  }
+  return plan;
+}
+
+// Merge the slices of a split tile: softmax-weighted sum of the slices' partial outputs.
+static void merge_split(const Problem& P, const Plan& plan, int64_t index, const float* partials) {
+  const auto [first, parts] = plan.splits[index];
+  const Unit& u = plan.units[first];
+  const int64_t D = P.D;
+  const int64_t rows = (u.q1 - u.q0) * P.group;
+  const int64_t qbase = P.qsl[u.b];
+  for (int64_t r = 0; r < rows; ++r) {
+    float mx = kNegInf;
+    for (int32_t p = 0; p < parts; ++p) mx = std::max(mx, partials[plan.units[first + p].partial + r * (D + 2)]);
+    const int64_t i = r / P.group, hh = r % P.group;
+    float* dst = P.out + ((qbase + u.q0 + i) * P.H + u.g * P.group + hh) * D;
+    std::fill(dst, dst + D, 0.f);
+    float denom = 0.f;
+    for (int32_t p = 0; p < parts; ++p) {
+      const float* rec = partials + plan.units[first + p].partial + r * (D + 2);
+      if (rec[0] == kNegInf) continue;
+      const float w = std::exp(rec[0] - mx);
+      denom += w * rec[1];
+      for (int64_t d = 0; d < D; ++d) dst[d] += w * rec[2 + d];
+    }
+    const float inv = 1.f / denom;
+    for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+  }
+}
+
+static void write_kv(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots, int64_t T) {
+  const int64_t KVH = cache.size(1), D = cache.size(2);
+  const float* s = src.data_ptr<float>();
+  float* dst = cache.data_ptr<float>();
+  const int64_t st = src.stride(0), sh = src.stride(1);
+  const bool rows_contiguous = sh == D;
+  at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* row = dst + slots[t] * KVH * D;
+      if (rows_contiguous) {
+        std::memcpy(row, s + t * st, sizeof(float) * KVH * D);
+      } else {
+        for (int64_t h = 0; h < KVH; ++h) std::memcpy(row + h * D, s + t * st + h * sh, sizeof(float) * D);
+      }
+    }
+  });
+}
+
+static at::Tensor index_arg(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, "paged_attention_varlen: ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "paged_attention_varlen: ", name, " must be on the CPU");
+  return t.contiguous();
+}
+
+at::Tensor paged_attention_varlen(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                  const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& slot_mapping_in, const at::Tensor& block_tables_in,
+                                  const at::Tensor& query_start_loc_in, const at::Tensor& context_lens_in,
+                                  int64_t block_size, double scale, int64_t window) {
+  for (const at::Tensor* t : {&q_in, &k_in, &v_in, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat,
+                "turbofan::paged_attention_varlen supports float32 q/k/v and KV cache only (got ", t->scalar_type(),
+                "); a bf16/fp16 cache is not implemented yet, use the PyTorch attention path for it");
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 3, "paged_attention_varlen: q/k/v/caches must be 3-d CPU tensors");
+  }
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention_varlen: caches must be contiguous");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_attention_varlen: k_cache and v_cache differ in shape");
+  const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
+  const int64_t S = k_cache.size(0), KVH = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == D, "paged_attention_varlen: head_dim of q (", D, ") and cache (", k_cache.size(2), ") differ");
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, "paged_attention_varlen: ", H, " query heads are not a multiple of ", KVH, " kv heads");
+  for (const at::Tensor* t : {&k_in, &v_in})
+    TORCH_CHECK(t->size(0) == T && t->size(1) == KVH && t->size(2) == D,
+                "paged_attention_varlen: k/v must be [", T, ", ", KVH, ", ", D, "], got ", t->sizes());
+  TORCH_CHECK(block_size > 0, "paged_attention_varlen: block_size must be positive");
+  const at::Tensor q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k = k_in.stride(2) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(2) == 1 ? v_in : v_in.contiguous();
+  const at::Tensor slot_mapping = index_arg(slot_mapping_in, "slot_mapping");
+  const at::Tensor block_tables = index_arg(block_tables_in, "block_tables");
+  const at::Tensor qsl_t = index_arg(query_start_loc_in, "query_start_loc");
+  const at::Tensor ctx_t = index_arg(context_lens_in, "context_lens");
+  const int64_t B = ctx_t.numel();
+  TORCH_CHECK(slot_mapping.numel() == T, "paged_attention_varlen: slot_mapping has ", slot_mapping.numel(),
+              " entries for ", T, " tokens");
+  TORCH_CHECK(qsl_t.numel() == B + 1, "paged_attention_varlen: query_start_loc must have B + 1 = ", B + 1, " entries");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) >= B, "paged_attention_varlen: block_tables must be [B, W]");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t* qsl = qsl_t.data_ptr<int64_t>();
+  const int64_t* ctx = ctx_t.data_ptr<int64_t>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t W = block_tables.size(1);
+  const int64_t num_blocks = S / block_size;
+  TORCH_CHECK(qsl[0] == 0 && qsl[B] == T, "paged_attention_varlen: query_start_loc must run from 0 to ", T);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t qlen = qsl[b + 1] - qsl[b];
+    TORCH_CHECK(qlen >= 0 && qlen <= ctx[b], "paged_attention_varlen: sequence ", b, " has ", qlen,
+                " queries but context ", ctx[b]);
+    TORCH_CHECK(ctx[b] < (int64_t(1) << 30), "paged_attention_varlen: context too long");
+    const int64_t used = (ctx[b] + block_size - 1) / block_size;
+    TORCH_CHECK(used <= W, "paged_attention_varlen: sequence ", b, " needs ", used, " blocks, block table has ", W);
+    for (int64_t j = 0; j < used; ++j)
+      TORCH_CHECK(bt[b * W + j] >= 0 && bt[b * W + j] < num_blocks, "paged_attention_varlen: block ", bt[b * W + j],
+                  " of sequence ", b, " is outside the cache (", num_blocks, " blocks)");
+  }
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < S, "paged_attention_varlen: slot ", slots[t], " outside the cache");
+
+  at::Tensor out = at::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (T == 0) return out;
+  write_kv(k, k_cache, slots, T);
+  write_kv(v, v_cache, slots, T);
+
+  int64_t level = g_isa;
+  if (level >= kAvx512 && D % 16 != 0) level = kAvx2;
+  if (level >= kAvx2 && D % 8 != 0) level = kScalar;
+  const Kernels K = kernels_for(level);
+  Problem P;
+  P.q = q.data_ptr<float>();
+  P.q_tok = q.stride(0);
+  P.q_head = q.stride(1);
+  P.out = out.data_ptr<float>();
+  P.k_cache = k_cache.data_ptr<float>();
+  P.v_cache = v_cache.data_ptr<float>();
+  P.block_tables = bt;
+  P.bt_stride = W;
+  P.qsl = qsl;
+  P.ctx = ctx;
+  P.H = H;
+  P.KVH = KVH;
+  P.D = D;
+  P.group = H / KVH;
+  P.block_size = block_size;
+  P.window = window;
+  P.slot_stride = KVH * D;
+  P.scale = static_cast<float>(scale);
+
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const Plan plan = make_plan(P, K, B, threads);
+  std::vector<float> partials(plan.partial_floats);
+  const int64_t n = static_cast<int64_t>(plan.units.size());
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return plan.units[a].cost > plan.units[b].cost; });
+  std::atomic<int64_t> next{0};
+  auto work = [&](int64_t, int64_t) {
+    thread_local Scratch sc;
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
+      run_unit(P, K, plan.units[order[i]], partials.data(), sc);
+  };
+  // below ~100k multiply-adds the fork/join costs more than the second core gives
+  if (threads > 1 && n > 1 && plan.total_cost * D >= (int64_t(1) << 17)) {
+    at::parallel_for(0, std::min(threads, n), 1, work);
+  } else {
+    work(0, 1);
+  }
+  const int64_t nsplit = static_cast<int64_t>(plan.splits.size());
+  if (nsplit > 0) {
+    at::parallel_for(0, nsplit, 4, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) merge_split(P, plan, s, partials.data());
+    });
+  }
+  return out;
+}
+
+}  // namespace attn
+}  // namespace turbofan
+
+TORCH_LIBRARY_FRAGMENT(turbofan, m) {
+  m.def(
+      "paged_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor query_start_loc, Tensor context_lens, int block_size, "
+      "float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(turbofan, CPU, m) {
+  m.impl("paged_attention_varlen", &turbofan::attn::paged_attention_varlen);
+}

@@ -1,10 +1,19 @@
-"""Paged attention in plain PyTorch.
+"""Paged attention: a C++ kernel that reads the paged KV cache in place, and a plain-PyTorch fallback.
 
 The KV cache of a layer is a flat array of slots ([num_blocks * block_size, kv_heads, head_dim]); a sequence's
-context is wherever its block table points. Each step we gather every sequence's context into a padded
-[batch, context, ...] view once per layer and run one SDPA call with a mask that encodes causality, padding and
-the sliding window. The index tensors and masks are built once per step (AttentionMetadata) and shared by all
-layers, so the per-layer work is two scatters, one gather and one fused attention kernel.
+context is wherever its block table points. Each step writes its new keys/values into their slots, then every
+query row attends over its own sequence's context (causal, optionally within a sliding window).
+
+- The kernel (turbofan::paged_attention_varlen, turbofan/kernels/paged_attention.cpp) walks each sequence's
+  block table itself: no padded copy, online softmax in float32, GQA without repeating K/V, one op for any mix
+  of decode rows and prefill chunks. Used whenever the kernels are available and the cache is float32.
+- The fallback gathers every sequence's context into a padded [batch, context, ...] copy once per layer and runs
+  one SDPA call with a mask that encodes causality, padding and the sliding window (kept for machines without a
+  compiler and for other cache dtypes).
+
+Everything per step (the query offsets for the kernel; the gather indices and masks for the fallback) is built
+once in AttentionMetadata and shared by all layers. Both paths are one opaque op, so a compiled forward (the
+optimising tier) keeps the context length symbolic.
 """
 
 from __future__ import annotations
@@ -14,12 +23,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from turbofan import kernels
+from turbofan.kernels import attention as attention_kernel
 from turbofan.model.batch import ForwardBatch
 
 
 @dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T]
+class DenseMetadata:
+    """The fallback's per-step tensors: the padded [B, C] gather and its masks."""
+
     gather_slots: torch.Tensor  # [B, C]: cache slot of each context position (0 where padded)
     query_scatter: torch.Tensor | None  # [T]: row of each flat query in the padded [B * Q] layout; None if identity
     batch: int
@@ -27,41 +39,132 @@ class AttentionMetadata:
     query_positions: torch.Tensor  # [B, Q]: absolute position of each padded query row (-1 = padding)
     context_positions: torch.Tensor  # [C]
     base_mask: torch.Tensor  # [B, 1, Q, C] causal + padding
-    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_batch(cls, fb: ForwardBatch, windows: tuple[int, ...] = ()) -> AttentionMetadata:
-        b = fb.query_lens.shape[0]
-        q = int(fb.query_lens.max())
-        c = int(fb.context_lens.max())
+    def build(
+        cls,
+        query_lens: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        block_size: int,
+        num_tokens: int,
+        windows: tuple[int, ...] = (),
+    ) -> DenseMetadata:
+        b = query_lens.shape[0]
+        q = int(query_lens.max())
+        c = int(context_lens.max())
         ctx = torch.arange(c)
-        blocks = fb.block_tables.gather(1, (ctx // fb.block_size).expand(b, c).clamp(max=fb.block_tables.shape[1] - 1))
-        gather_slots = blocks * fb.block_size + ctx % fb.block_size
-        gather_slots = torch.where(ctx[None, :] < fb.context_lens[:, None], gather_slots, 0)
+        blocks = block_tables.gather(1, (ctx // block_size).expand(b, c).clamp(max=block_tables.shape[1] - 1))
+        gather_slots = blocks * block_size + ctx % block_size
+        gather_slots = torch.where(ctx[None, :] < context_lens[:, None], gather_slots, 0)
         rows = torch.arange(q)
-        valid_q = rows[None, :] < fb.query_lens[:, None]  # [B, Q]
-        qpos = (fb.context_lens - fb.query_lens)[:, None] + rows[None, :]
+        valid_q = rows[None, :] < query_lens[:, None]  # [B, Q]
+        qpos = (context_lens - query_lens)[:, None] + rows[None, :]
         qpos = torch.where(valid_q, qpos, -1)
         mask = ctx[None, None, :] <= qpos[:, :, None]  # causal; padding rows (qpos = -1) see nothing
         mask[:, :, 0] |= ~valid_q  # padding rows attend to slot 0 so SDPA never returns NaN for them
-        if q == 1 and fb.num_tokens == b:
+        if q == 1 and num_tokens == b:
             scatter = None
         else:
-            offsets = torch.cumsum(fb.query_lens, 0) - fb.query_lens
-            seq = torch.repeat_interleave(torch.arange(b), fb.query_lens)
-            scatter = seq * q + (torch.arange(fb.num_tokens) - offsets[seq])
-        meta = cls(fb.slot_mapping, gather_slots, scatter, b, q, qpos, ctx, mask[:, None])
+            offsets = torch.cumsum(query_lens, 0) - query_lens
+            seq = torch.repeat_interleave(torch.arange(b), query_lens)
+            scatter = seq * q + (torch.arange(num_tokens) - offsets[seq])
+        dense = cls(gather_slots, scatter, b, q, qpos, ctx, mask[:, None])
         for window in windows:  # built up front: a compiled forward must find them ready
-            meta.mask(window)
-        return meta
+            dense.mask(window)
+        return dense
 
     def mask(self, window: int | None) -> torch.Tensor:
         if window is None:
             return self.base_mask
-        if window not in self._window_masks:
+        if window not in self.window_masks:
             near = (self.query_positions[:, :, None] - self.context_positions[None, None, :]) < window
-            self._window_masks[window] = self.base_mask & near[:, None]
-        return self._window_masks[window]
+            self.window_masks[window] = self.base_mask & near[:, None]
+        return self.window_masks[window]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T]
+    block_tables: torch.Tensor  # [B, W >= 2]; W follows the longest context (dynamic in compiled graphs)
+    query_start_loc: torch.Tensor  # [B + 1]: sequence b owns flat rows query_start_loc[b]:query_start_loc[b+1]
+    context_lens: torch.Tensor  # [B]: tokens in the cache per sequence after this step
+    query_lens: torch.Tensor  # [B]
+    block_size: int
+    num_tokens: int
+    use_kernel: bool  # the C++ kernel serves float32 caches; other dtypes take the fallback
+    windows: tuple[int, ...] = ()
+    _dense: DenseMetadata | None = None
+
+    @classmethod
+    def from_batch(cls, fb: ForwardBatch, windows: tuple[int, ...] = ()) -> AttentionMetadata:
+        use_kernel = kernels.available()
+        tables = fb.block_tables
+        if tables.shape[1] < 2:  # a width of 1 would be specialised by torch.compile instead of kept symbolic
+            tables = F.pad(tables, (0, 2 - tables.shape[1]))
+        meta = cls(
+            slot_mapping=fb.slot_mapping,
+            block_tables=tables,
+            query_start_loc=F.pad(torch.cumsum(fb.query_lens, 0), (1, 0)),
+            context_lens=fb.context_lens,
+            query_lens=fb.query_lens,
+            block_size=fb.block_size,
+            num_tokens=fb.num_tokens,
+            use_kernel=use_kernel,
+            windows=tuple(windows),
+        )
+        if use_kernel:
+            # The only context-length-dependent shape the kernel sees; one compiled entry serves every length.
+            torch._dynamo.maybe_mark_dynamic(tables, 1)
+        else:
+            meta.dense  # noqa: B018  (built now: a compiled forward must find it ready)
+        return meta
+
+    @property
+    def dense(self) -> DenseMetadata:
+        """The fallback's tensors, built on first use (once per step, shared by all layers)."""
+        if self._dense is None:
+            self._dense = DenseMetadata.build(
+                self.query_lens, self.context_lens, self.block_tables, self.block_size, self.num_tokens, self.windows
+            )
+        return self._dense
+
+    # The fallback's fields under their old names (the compiled tier marks some of them dynamic).
+    @property
+    def gather_slots(self) -> torch.Tensor:
+        return self.dense.gather_slots
+
+    @property
+    def query_scatter(self) -> torch.Tensor | None:
+        return self.dense.query_scatter
+
+    @property
+    def batch(self) -> int:
+        return self.query_lens.shape[0]
+
+    @property
+    def max_query(self) -> int:
+        return self.dense.max_query
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        return self.dense.query_positions
+
+    @property
+    def context_positions(self) -> torch.Tensor:
+        return self.dense.context_positions
+
+    @property
+    def base_mask(self) -> torch.Tensor:
+        return self.dense.base_mask
+
+    @property
+    def _window_masks(self) -> dict[int, torch.Tensor]:
+        return self.dense.window_masks
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        return self.dense.mask(window)
 
 
 @torch.library.custom_op("turbofan::paged_attention", mutates_args=("k_cache", "v_cache"))
@@ -99,6 +202,23 @@ def _(q, k, v, k_cache, v_cache, slot_mapping, gather_slots, mask, query_scatter
     return torch.empty_like(q)
 
 
+def sdpa_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """The fallback: padded gather + one masked SDPA (a custom op, opaque to torch.compile)."""
+    dense = meta.dense
+    return _paged_attention_op(
+        q, k, v, k_cache, v_cache, meta.slot_mapping, dense.gather_slots, dense.mask(window), dense.query_scatter, scale
+    )
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D]
@@ -109,14 +229,23 @@ def paged_attention(
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:
-    """Write this step's keys/values into their slots, then attend over each sequence's paged context.
-
-    A custom op, so that a compiled forward (the optimising tier) keeps it as one opaque call whose context
-    length may vary without recompiling.
-    """
-    return _paged_attention_op(
-        q, k, v, k_cache, v_cache, meta.slot_mapping, meta.gather_slots, meta.mask(window), meta.query_scatter, scale
-    )
+    """Write this step's keys/values into their slots, then attend over each sequence's paged context."""
+    if meta.use_kernel and attention_kernel.supports(k_cache.dtype):
+        return attention_kernel.paged_attention_varlen(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.context_lens,
+            meta.block_size,
+            scale,
+            window,
+        )
+    return sdpa_paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
 
 
 def dense_reference_attention(

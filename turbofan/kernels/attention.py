@@ -1,0 +1,54 @@
+"""Python face of the varlen paged-attention kernel (turbofan/kernels/paged_attention.cpp).
+
+`paged_attention_varlen` is a thin call of `torch.ops.turbofan.paged_attention_varlen`: eager code pays only the
+dispatcher, and a compiled graph keeps it as one opaque op (its shape function is in fakes.py), whatever the
+context length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from turbofan import kernels
+
+SUPPORTED_DTYPES = (torch.float32,)  # the cache dtype today; a bf16/fp16 cache is a later step
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the kernel can serve a KV cache of this dtype (the kernels must also be `available()`)."""
+    return dtype in SUPPORTED_DTYPES
+
+
+def paged_attention_varlen(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]: this step's keys, written to k_cache[slot_mapping] first
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [slots, KVH, D], contiguous, written in place
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64
+    block_tables: torch.Tensor,  # [B, W] int64: cache block of each sequence's logical block
+    query_start_loc: torch.Tensor,  # [B + 1] int64: sequence b owns rows query_start_loc[b]:query_start_loc[b+1]
+    context_lens: torch.Tensor,  # [B] int64: tokens in the cache per sequence after this step's write
+    block_size: int,
+    scale: float,
+    window: int | None = None,  # a query at position p sees keys at positions > p - window
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention of every query row over its own sequence's paged context."""
+    return torch.ops.turbofan.paged_attention_varlen(
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        query_start_loc,
+        context_lens,
+        block_size,
+        scale,
+        window or 0,
+    )
+
+
+def available() -> bool:
+    return kernels.available()
