@@ -72,7 +72,16 @@ static void matmul_panels(const uint8_t* w, const at::Half* wd, const at::Half* 
       int64_t i = 0;
       for (; i + kRows <= m; i += kRows)
         panel_tile<kRows, Q4>(wp, dp, mp, sp, nb, half, xq + i * k, xd + i * nb, xs + i * nb, k, o + i * n, n);
-      for (; i < m; ++i)
+      // The rest in as few passes over the panel as possible (each pass unpacks the weights again).
+      if (kRows > 4 && i + 4 <= m) {
+        panel_tile<4, Q4>(wp, dp, mp, sp, nb, half, xq + i * k, xd + i * nb, xs + i * nb, k, o + i * n, n);
+        i += 4;
+      }
+      if (i + 2 <= m) {
+        panel_tile<2, Q4>(wp, dp, mp, sp, nb, half, xq + i * k, xd + i * nb, xs + i * nb, k, o + i * n, n);
+        i += 2;
+      }
+      if (i < m)
         panel_tile<1, Q4>(wp, dp, mp, sp, nb, half, xq + i * k, xd + i * nb, xs + i * nb, k, o + i * n, n);
     }
   }
