@@ -351,6 +351,8 @@ def test_metadata_is_per_step_not_per_context():
     batch = ForwardBatch.build([[1] * 5, [2]], [0, 700], [[0, 1], list(range(2, 47))], [[4], [0]], 16)
     meta = AttentionMetadata.from_batch(batch)
     assert meta.use_kernel and meta._dense is None
+    meta.mark_dynamic()  # what the compiled tier calls: marks the block-table width, builds nothing
+    assert meta._dense is None
     assert meta.query_start_loc.tolist() == [0, 5, 6]
     assert meta.gather_slots.shape == (2, 701)  # the fallback's view still works when asked for
     assert meta._dense is not None

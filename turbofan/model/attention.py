@@ -121,6 +121,19 @@ class AttentionMetadata:
             meta.dense  # noqa: B018  (built now: a compiled forward must find it ready)
         return meta
 
+    def mark_dynamic(self) -> None:
+        """Keep every context-length-dependent size symbolic for torch.compile (one compile for all lengths).
+
+        The kernel sees only the block-table width (from_batch marks it already); the fallback's [B, C] gather
+        and masks are marked only if this step built them, so calling this never builds them.
+        """
+        torch._dynamo.maybe_mark_dynamic(self.block_tables, 1)
+        if self._dense is not None:
+            torch._dynamo.mark_dynamic(self._dense.gather_slots, 1)
+            torch._dynamo.mark_dynamic(self._dense.context_positions, 0)
+            for mask in (self._dense.base_mask, *self._dense.window_masks.values()):
+                torch._dynamo.mark_dynamic(mask, 3)
+
     @property
     def dense(self) -> DenseMetadata:
         """The fallback's tensors, built on first use (once per step, shared by all layers)."""
