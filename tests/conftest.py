@@ -31,6 +31,23 @@ def assert_no_leaks(engine) -> None:
     assert all(r == 0 for r in refs), f"blocks with a non-zero reference count: {[i for i, r in enumerate(refs) if r]}"
 
 
+def drive(engine, max_steps: int = 100_000) -> dict:
+    """Step `engine` until it has no unfinished request; returns request id -> RequestOutput (folded deltas), in
+    the order the requests finished."""
+    from turbofan.engine import OutputBuilder
+
+    builders: dict = {}
+    done: dict = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
+        for delta in engine.step():
+            builder = builders.setdefault(delta.request_id, OutputBuilder()).add(delta)
+            if delta.finished:
+                done[delta.request_id] = builder.output()
+    return done
+
+
 @pytest.fixture
 def make_llm(tiny_models):
     """make_llm(arch="llama", **EngineConfig fields) -> LLM on a tiny model; asserts no KV leak at teardown."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_no_leaks
+from conftest import assert_no_leaks, drive
 
 import turbofan.assembly as assembly
 from turbofan import LLM, SamplingParams
@@ -24,6 +24,8 @@ from turbofan.container import Container
 from turbofan.engine.block_manager import BlockManager
 from turbofan.engine.detokenizer import Detokenizer
 from turbofan.engine.engine import Engine
+from turbofan.engine.input_batch import InputBatch
+from turbofan.engine.output_processor import OutputProcessor
 from turbofan.engine.sampler import Sampler
 from turbofan.engine.scheduler import Scheduler
 from turbofan.model.runner import ModelRunner
@@ -33,7 +35,7 @@ from turbofan.profiling import ProfiledProxy
 MAX_TOKENS = 12
 NUM_BLOCKS = 64
 COMPONENTS = ("config", "model_path", "model_name", "tokenizer", "runner", "block_manager", "scheduler", "sampler",
-              "detokenizer", "engine")  # fmt: skip
+              "detokenizer", "input_batch", "output_processor", "engine")  # fmt: skip
 
 
 def _greedy(max_tokens: int = MAX_TOKENS, **kwargs) -> SamplingParams:
@@ -50,15 +52,9 @@ def _run_engine(engine, prompts, make_params=_greedy) -> list[list[int]]:
     for i, prompt in enumerate(prompts):
         engine.add_request(f"req-{i}", prompt, make_params())
         ids.append(f"req-{i}")
-    done: dict[str, list[int]] = {}
-    for _ in range(10_000):
-        if not engine.has_unfinished_requests():
-            break
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
+    done = drive(engine, 10_000)
     assert sorted(done) == sorted(ids), "every request must finish"
-    return [done[i] for i in ids]
+    return [list(done[i].outputs[0].token_ids) for i in ids]
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +87,12 @@ def _hand_wired_engine(tiny_dir: str) -> Engine:
     config = EngineConfig(model=tiny_dir, num_kv_blocks=NUM_BLOCKS, device="cpu", dtype="float32")
     runner = ModelRunner(tiny_dir, dtype=torch.float32, device="cpu", block_size=16, num_blocks=NUM_BLOCKS)
     tokenizer = Tokenizer(tiny_dir)
-    scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+    eos = sorted(set(tokenizer.eos_token_ids) | set(runner.args.eos_token_ids))
+    max_len = min(runner.args.max_position, 8192)
+    scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, Detokenizer(tokenizer), eos, max_len)
     scheduler.blocks = BlockManager(NUM_BLOCKS, 16, True)
-    sampler = Sampler(sorted(set(tokenizer.eos_token_ids) | set(runner.args.eos_token_ids)))
-    return Engine(config, tokenizer, runner, scheduler, sampler, Detokenizer(tokenizer))
+    batch = InputBatch(runner.args.vocab_size, 16, max_len)
+    return Engine(config, tokenizer, runner, scheduler, Sampler(eos), batch, OutputProcessor(tokenizer))
 
 
 def test_built_engine_generates_same_tokens_as_llm_hand_wiring_and_a_second_build(
@@ -130,7 +128,9 @@ def test_container_holds_the_components_and_resolves_the_scheduler_block_manager
     assert engine.runner is c.get("runner")
     assert engine.sampler is c.get("sampler")
     assert engine.tokenizer is c.get("tokenizer")
-    assert engine.detokenizer is c.get("detokenizer")
+    assert engine.scheduler.detokenizer is c.get("detokenizer")
+    assert engine.input_batch is c.get("input_batch")
+    assert engine.output_processor is c.get("output_processor")
     assert engine.config is c.get("config")
     # The scheduler's block manager is property-injected: one object, shared with the engine.
     assert engine.scheduler.blocks is engine.blocks
@@ -144,9 +144,18 @@ def test_container_holds_the_components_and_resolves_the_scheduler_block_manager
     assert "profiler" not in c and engine.profiler is None
 
 
-def test_engine_from_config_goes_through_the_assembly(tiny_dir):
-    engine = Engine.from_config(EngineConfig(model=tiny_dir, num_kv_blocks=NUM_BLOCKS))
-    assert engine.container.get("engine") is engine
+def test_the_engine_does_not_know_the_assembly():
+    """The one import cycle (engine -> assembly -> engine) is gone: the engine package never imports the
+    composition root, and a server reaches an engine only through the EngineClient interface."""
+    import ast
+
+    root = Path(assembly.__file__).parent
+    for folder in ("engine", "server"):
+        for path in sorted((root / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    assert node.module != "turbofan.assembly", f"{path.name} imports the assembly"
+    assert not hasattr(Engine, "from_config")
 
 
 # -- the profiling aspect ------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import pytest
 from conftest import assert_no_leaks
 
 from turbofan import LLM, SamplingParams
+from turbofan.engine import OutputBuilder
 
 MAX_TOKENS = 24
 
@@ -201,15 +202,17 @@ def test_requests_joining_mid_flight_match(make_llm, prompts, one_at_a_time):
     llm = make_llm(max_num_batched_tokens=16)
     engine = llm.engine
     pending = list(enumerate(prompts))
+    builders: dict[str, OutputBuilder] = {}
     done: dict[str, object] = {}
     while pending or engine.has_unfinished_requests():
         for _ in range(2):
             if pending:
                 i, p = pending.pop(0)
                 engine.add_request(str(i), p, _greedy())
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0]
+        for delta in engine.step():
+            builder = builders.setdefault(delta.request_id, OutputBuilder()).add(delta)
+            if delta.finished:
+                done[delta.request_id] = builder.output().outputs[0]
     _assert_greedy_match([done[str(i)] for i in range(len(prompts))], one_at_a_time, "joining mid-flight")
 
 
@@ -430,17 +433,22 @@ def test_n3_shares_prompt_blocks_copy_on_write(make_llm, vocab):
     llm = make_llm(block_size=16, num_kv_blocks=32)
     engine = llm.engine
     engine.add_request("f", prompt, SamplingParams(n=3, temperature=0, max_tokens=5, ignore_eos=True))
-    engine.step()  # prefill, fork, first token
-    engine.step()  # first decode: each fork writes position 37, in the partial block
+    builder = OutputBuilder()
+    for delta in engine.step():  # prefill, fork, first token
+        builder.add(delta)
+    for delta in engine.step():  # first decode: each fork writes position 37, in the partial block
+        builder.add(delta)
     used = engine.stats().num_blocks - engine.stats().num_free_blocks
     assert used == 2 + 3, f"expected 2 shared prompt blocks + 3 private last blocks, {used} blocks in use"
     seqs = engine.requests["f"].seqs
     assert len({s.block_table[0] for s in seqs}) == 1 and len({s.block_table[2] for s in seqs}) == 3
     while engine.has_unfinished_requests():
-        outs = engine.step()
+        for delta in engine.step():
+            builder.add(delta)
+    assert builder.finished
     # greedy forks say the same thing as a single greedy request
     alone = _firsts(make_llm(block_size=16).generate([prompt], _greedy(5), use_tqdm=False))[0]
-    _assert_greedy_match(outs[-1].outputs, [alone] * 3, "greedy forks")
+    _assert_greedy_match(builder.output().outputs, [alone] * 3, "greedy forks")
 
 
 def test_failed_batch_submission_leaves_nothing_behind(make_llm, prompts, vocab):

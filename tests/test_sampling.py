@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from turbofan import SamplingParams
+from turbofan.engine import OutputBuilder
 from turbofan.engine.detokenizer import Detokenizer
+from turbofan.engine.input_batch import InputBatch
 from turbofan.engine.sampler import Sampler
 from turbofan.engine.sequence import Request
 from turbofan.model.tokenizer import Tokenizer
@@ -27,8 +29,17 @@ def make_seqs(params: list[SamplingParams], prompt=(10, 11, 12), outputs=()):
     return seqs
 
 
+def sample_seqs(logits: torch.Tensor, seqs: list, sampler: Sampler | None = None):
+    """Sample one row per sequence through a fresh InputBatch (the path every engine step takes)."""
+    batch = InputBatch(vocab_size=logits.shape[-1], block_size=16, max_model_len=256, capacity=2)
+    for seq in seqs:
+        batch.add(seq)
+    rows = batch.sampling_batch([(s, i) for i, s in enumerate(seqs)])
+    return (sampler or Sampler([EOS])).sample(logits.clone(), rows)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], sampler: Sampler | None = None, **kw):
-    return (sampler or Sampler([EOS])).sample(logits.clone(), make_seqs(params, **kw))
+    return sample_seqs(logits, make_seqs(params, **kw), sampler)
 
 
 def frequencies(tokens: list[int], vocab: int) -> torch.Tensor:
@@ -221,19 +232,22 @@ def test_logprobs_shape_values_and_rank():
     ]
     out = sample(logits, params)
     raw = logits.log_softmax(-1)
-    assert out.top_ids.shape == (4, 5) and out.top_logprobs.shape == (4, 5)
-    for i, tok in enumerate(out.tokens):
-        assert out.logprobs[i] == pytest.approx(raw[i, tok].item(), abs=1e-6)  # of the raw distribution
-        assert out.ranks[i] == 1 + int((raw[i] > raw[i, tok]).sum())
-        vals, ids = raw[i].topk(5)
-        assert out.top_ids[i].tolist() == ids.tolist()
-        torch.testing.assert_close(out.top_logprobs[i], vals)
+    assert out.logprob_rows == [0, 1, 3], "only the rows that asked"
+    assert [len(ids) for ids in out.top_ids] == [3, 5, 0] and [len(v) for v in out.top_logprobs] == [3, 5, 0]
+    for j, i in enumerate(out.logprob_rows):
+        tok = out.tokens[i]
+        assert out.logprobs[j] == pytest.approx(raw[i, tok].item(), abs=1e-6)  # of the raw distribution
+        assert out.ranks[j] == 1 + int((raw[i] > raw[i, tok]).sum())
+        k = params[i].logprobs
+        vals, ids = raw[i].topk(k)
+        assert out.top_ids[j] == ids.tolist()
+        torch.testing.assert_close(torch.tensor(out.top_logprobs[j]), vals)
     assert out.ranks[0] == 1 and out.ranks[1] == 3
 
 
 def test_no_logprobs_computed_when_nobody_asks():
     out = sample(torch.randn(3, 20), [SamplingParams(temperature=0)] * 3)
-    assert out.logprobs is None and out.top_ids is None
+    assert out.logprob_rows == [] and out.logprobs == [] and out.top_ids == []
 
 
 # -- seeds ----------------------------------------------------------------------------------------------------------
@@ -244,7 +258,7 @@ def test_seeded_row_does_not_depend_on_batch_mates():
     p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
     alone_seq = make_seqs([p])
     sampler = Sampler([EOS])
-    alone = [sampler.sample(target.clone(), alone_seq).tokens[0] for _ in range(40)]
+    alone = [sample_seqs(target, alone_seq, sampler).tokens[0] for _ in range(40)]
     batch_params = [
         SamplingParams(temperature=1.0, seed=99),
         SamplingParams(temperature=0.7),
@@ -260,11 +274,11 @@ def test_seeded_row_does_not_depend_on_batch_mates():
             torch.arange(6)[:, None] != 2
         )
         torch.manual_seed(step)  # the global generator moves differently in a batch; it must not matter
-        together.append(sampler.sample(logits, seqs).tokens[2])
+        together.append(sample_seqs(logits, seqs, sampler).tokens[2])
     assert together == alone
     assert len(set(alone)) > 10, "the draw should actually be random"
     other = make_seqs([SamplingParams(temperature=1.0, top_p=0.95, seed=1235)])
-    assert [sampler.sample(target.clone(), other).tokens[0] for _ in range(40)] != alone
+    assert [sample_seqs(target, other, sampler).tokens[0] for _ in range(40)] != alone
 
 
 # -- end to end through LLM: stop strings, stop tokens, EOS, length -----------------------------------------------
@@ -280,11 +294,15 @@ def forcing(token_ids: list[int]):
 
 
 def stream(llm, prompt, params) -> list:
+    """What a streaming client has seen after each delta: the cumulative RequestOutput, delta by delta."""
     engine = llm.engine
     engine.add_request("s", prompt, params)
+    builder = OutputBuilder()
     outs = []
     while engine.has_unfinished_requests():
-        outs += [o for o in engine.step() if o.request_id == "s"]
+        for delta in engine.step():
+            if delta.request_id == "s":
+                outs.append(builder.add(delta).output())
     return outs
 
 

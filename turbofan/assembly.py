@@ -17,7 +17,9 @@ from turbofan.config import EngineConfig
 from turbofan.container import Container
 from turbofan.engine.block_manager import BlockManager
 from turbofan.engine.detokenizer import Detokenizer
-from turbofan.engine.engine import Engine
+from turbofan.engine.engine import Engine, default_max_model_len
+from turbofan.engine.input_batch import InputBatch
+from turbofan.engine.output_processor import OutputProcessor
 from turbofan.engine.sampler import Sampler
 from turbofan.engine.scheduler import Scheduler
 from turbofan.model.runner import ModelRunner
@@ -66,14 +68,21 @@ def _block_manager(config: EngineConfig, runner: ModelRunner) -> BlockManager:
     return BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
 
 
-def _scheduler(config: EngineConfig) -> Scheduler:
-    return Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+def _eos_token_ids(tokenizer: Tokenizer, runner: ModelRunner) -> list[int]:
+    return sorted(set(tokenizer.eos_token_ids) | set(runner.args.eos_token_ids))
 
 
-def _sampler(tokenizer: Tokenizer, runner: ModelRunner, container: Container) -> Sampler:
-    eos = sorted(set(tokenizer.eos_token_ids) | set(runner.args.eos_token_ids))
+def _scheduler(config: EngineConfig, detokenizer: Detokenizer, eos: list[int], max_model_len: int) -> Scheduler:
+    return Scheduler(config.max_num_seqs, config.max_num_batched_tokens, detokenizer, eos, max_model_len)
+
+
+def _sampler(eos: list[int], container: Container) -> Sampler:
     processors = [container.get(n) for n in container.names() if n.startswith("logits_processor.")]
     return Sampler(eos, processors)
+
+
+def _input_batch(config: EngineConfig, runner: ModelRunner, max_model_len: int) -> InputBatch:
+    return InputBatch(runner.args.vocab_size, config.block_size, max_model_len, capacity=min(config.max_num_seqs, 64))
 
 
 def declare(container: Container, config: EngineConfig) -> Container:
@@ -83,15 +92,25 @@ def declare(container: Container, config: EngineConfig) -> Container:
     container.register_instance("model_name", config.served_model_name or model_name)
     container.register("tokenizer", lambda path, cfg: Tokenizer(path, cfg.chat_template), args=["model_path", "config"])
     container.register("runner", _runner, args=["config", "model_path"])
+    container.register("max_model_len", default_max_model_len, args=["config", "runner"])
+    container.register("eos_token_ids", _eos_token_ids, args=["tokenizer", "runner"])
     container.register("block_manager", _block_manager, args=["config", "runner"])
-    container.register("scheduler", _scheduler, args=["config"], properties={"blocks": "block_manager"})
-    container.register("sampler", lambda t, r: _sampler(t, r, container), args=["tokenizer", "runner"])
     container.register("detokenizer", Detokenizer, args=["tokenizer"])
+    container.register(
+        "scheduler",
+        _scheduler,
+        args=["config", "detokenizer", "eos_token_ids", "max_model_len"],
+        properties={"blocks": "block_manager"},
+    )
+    container.register("sampler", lambda eos: _sampler(eos, container), args=["eos_token_ids"])
+    container.register("input_batch", _input_batch, args=["config", "runner", "max_model_len"])
+    container.register("output_processor", OutputProcessor, args=["tokenizer"])
     container.register(
         "engine",
         Engine,
-        args=["config", "tokenizer", "runner", "scheduler", "sampler", "detokenizer", "model_name"],
-    )
+        args=["config", "tokenizer", "runner", "scheduler", "sampler", "input_batch", "output_processor",
+              "model_name", "model_path"],
+    )  # fmt: skip
     return container
 
 

@@ -187,9 +187,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     def load():
-        from turbofan.engine import Engine
+        from turbofan.assembly import build_engine
 
-        return Engine.from_config(config)
+        return build_engine(config)
 
     app = create_app(load, settings)
     log.info(
@@ -200,9 +200,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.Config(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=5)
     )
     server.run()
-    engine = app.state.ctx.state.engine
-    if engine is not None and getattr(engine, "profiler", None) is not None:
-        print(engine.profiler.render())  # seed 002: the per-method table when the server stops
+    client = app.state.ctx.client
+    report = client.profile_report() if client is not None else None
+    if report is not None:
+        print(report)  # seed 002: the per-method table when the server stops
     return 0
 
 
@@ -274,24 +275,27 @@ class Chat:
         request_id = f"run-{self.turns}"
         self.turns += 1
         self.engine.add_request(request_id, ids, self.params())
-        shown, text, final = 0, "", None
+        from turbofan.engine import OutputBuilder
+
+        builder, final = OutputBuilder(), None
         start = time.time()
         with _Interrupt() as stop:
             while True:
                 if stop.requested:
                     self.engine.abort_request(request_id)
                     break
-                for o in self.engine.step():
-                    if o.request_id != request_id:
+                for delta in self.engine.step():
+                    if delta.request_id != request_id:
                         continue
-                    text = o.outputs[0].text
-                    out.write(text[shown:])
-                    out.flush()
-                    shown = len(text)
-                    if o.finished:
-                        final = o
+                    builder.add(delta)
+                    if delta.outputs and delta.outputs[0].text:
+                        out.write(delta.outputs[0].text)
+                        out.flush()
+                    if delta.finished:
+                        final = builder.output()
                 if final is not None or not self.engine.has_unfinished_requests():
                     break
+        text = builder.output().outputs[0].text if builder.last is not None else ""
         out.write("\n")
         if self.args.verbose and final is not None:
             n = len(final.outputs[0].token_ids)
@@ -336,7 +340,7 @@ class Chat:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from turbofan.engine import Engine
+    from turbofan.assembly import build_engine
 
     prompt = " ".join(args.prompt)
     if not prompt and not sys.stdin.isatty():
@@ -344,7 +348,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = engine_config(args)
     if not prompt:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    chat = Chat(Engine.from_config(config), args)
+    chat = Chat(build_engine(config), args)
     if prompt:
         chat.answer(prompt)
         return 0

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from turbofan.config import EngineConfig
 from turbofan.engine.beam_search import BeamSearchOutput, beam_search, beam_search_output
 from turbofan.engine.engine import Engine
-from turbofan.engine.outputs import RequestOutput
+from turbofan.engine.outputs import OutputBuilder, RequestOutput
 from turbofan.engine.params import SamplingParams
 
 PromptType = str | list[int] | dict
@@ -80,6 +80,8 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request finished, folding each one's deltas into its RequestOutput."""
+        builders = {rid: OutputBuilder() for rid in ids}
         done: dict[str, RequestOutput] = {}
         bar = tqdm(
             total=len(ids), desc="Processed prompts", unit="req", disable=not use_tqdm, dynamic_ncols=True
@@ -87,10 +89,14 @@ class LLM:
         generated = 0
         try:
             while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        generated += sum(len(o.token_ids) for o in out.outputs)
+                for delta in self.engine.step():
+                    builder = builders.get(delta.request_id)
+                    if builder is None:
+                        continue
+                    builder.add(delta)
+                    if delta.finished:
+                        done[delta.request_id] = builder.output()
+                        generated += builder.num_tokens
                         bar.update(1)
                         bar.set_postfix(
                             output_toks_per_s=f"{generated / max(bar.format_dict['elapsed'], 1e-6):.1f}"

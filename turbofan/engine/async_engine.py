@@ -1,8 +1,10 @@
-"""AsyncEngine: the engine loop on its own thread, one output stream per request for asyncio callers.
+"""AsyncEngine: the EngineClient the server uses — the engine loop on its own thread, deltas to asyncio callers.
 
-The HTTP event loop never runs a forward pass: it hands requests to the engine thread through a command queue
-and receives outputs through per-request asyncio queues. A consumer that stops listening (a client that
-disconnects) aborts its request, which frees its KV blocks on the next loop iteration.
+The HTTP event loop never runs a forward pass: it hands requests to the engine thread through a command queue,
+and the engine thread hands each step's deltas back with one `call_soon_threadsafe` per step (not one per
+request), which the event loop fans out to per-request streams. A consumer that fell behind reads its pending
+deltas merged into one. A consumer that stops listening (a client that disconnects) aborts its request, which
+frees its KV blocks on the next loop iteration.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 import psutil
 
-from turbofan.engine.engine import Engine
-from turbofan.engine.outputs import RequestOutput
+from turbofan.engine.client import EngineClient
+from turbofan.engine.engine import Engine, EngineStats
+from turbofan.engine.outputs import CompletionDelta, RequestDelta
 from turbofan.engine.params import SamplingParams
 
 log = logging.getLogger("turbofan.engine")
@@ -34,19 +38,51 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped after an internal error; requests cannot be served."""
 
 
-class AsyncEngine:
+class _Stream:
+    """One request's pending deltas, filled on the event loop by the per-step dispatch."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque = deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self):
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        item = self.items.popleft()
+        while self.items and isinstance(item, RequestDelta) and not item.finished:
+            nxt = self.items[0]
+            if not isinstance(nxt, RequestDelta):
+                break
+            item = item.merge(self.items.popleft())  # the consumer fell behind: one merged delta
+        return item
+
+
+class AsyncEngine(EngineClient):
     def __init__(self, engine: Engine, max_waiting: int = 256, log_stats_interval: float = 10.0):
         self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.info = engine.model_info()
         self.max_waiting = max_waiting
         self.log_stats_interval = log_stats_interval
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: BaseException | None = None
-        self.on_step = None  # optional hook(outputs) for observers (metrics); called on the engine thread
         self._torch_profile: tuple[int, str | None, asyncio.Future] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -63,36 +99,48 @@ class AsyncEngine:
 
     @property
     def dead(self) -> BaseException | None:
-        """The error that stopped the engine loop, or None while it is healthy."""
         return self._dead
 
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def tiers(self) -> dict:
+        return self.engine.tiers()
+
+    def profile_table(self) -> list[dict] | None:
+        profiler = self.engine.profiler
+        return None if profiler is None else profiler.table()
+
+    def profile_report(self) -> str | None:
+        profiler = self.engine.profiler
+        return None if profiler is None else profiler.render()
+
     # -- requests -----------------------------------------------------------------------------------------------
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncIterator[RequestDelta]:
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
-        ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.engine.validate_prompt(ids, params)
         waiting = len(self._streams) - self.engine.scheduler.max_num_seqs
         if waiting >= self.max_waiting:
             raise QueueFullError(f"the server is busy: {waiting} requests are already waiting; retry later")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = _Stream()
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt if isinstance(prompt, str) else None, ids, params, time.time()))
+        text = prompt if isinstance(prompt, str) else None
+        self._commands.put(("add", request_id, text, ids, params, time.time()))
         self._wake.set()
         finished = False
         try:
             while not finished:
                 item = await stream.get()
-                while not stream.empty() and not isinstance(item, BaseException) and not item.finished:
-                    item = stream.get_nowait()  # a slow consumer only needs the latest cumulative output
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -105,7 +153,6 @@ class AsyncEngine:
                 self._wake.set()
 
     def beam_search(self, prompt: str | list[int], params: SamplingParams, request_id: str):
-        """Beam search as an output stream with one (final) RequestOutput; beams run as concurrent requests."""
         from turbofan.engine.beam_search import beam_search_async
 
         return beam_search_async(self, prompt, params, request_id)
@@ -115,28 +162,47 @@ class AsyncEngine:
         self._wake.set()
 
     # -- the engine thread --------------------------------------------------------------------------------------
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(stream.put_nowait, item)
+    def _dispatch(self, items: list) -> None:
+        """On the event loop: hand each delta (or error) of a step to its request's stream."""
+        streams = self._streams
+        for rid, item in items:
+            stream = streams.get(rid)
+            if stream is not None:
+                stream.put(item)
+
+    def _deliver(self, items: list) -> None:
+        if items and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, items)
 
     def _drain_commands(self) -> None:
+        errors = []
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
             if cmd[0] == "add":
                 _, rid, text, ids, params, arrival = cmd
                 if rid not in self._streams:  # the caller already left
                     continue
                 try:
-                    request = self.engine.add_request(rid, ids, params, arrival)
-                    request.prompt = text
+                    self.engine.add_request(rid, ids, params, arrival, prompt_text=text)
                 except Exception as exc:  # validation raced with a config change, or an id clash
-                    self._deliver(rid, exc)
+                    errors.append((rid, exc))
             else:
-                self.engine.abort_request(cmd[1])
+                out = self.engine.abort_request(cmd[1])
+                if out is not None:  # anyone still listening learns how it ended
+                    final = [CompletionDelta(c.index, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                             for c in out.outputs]  # fmt: skip
+                    delta = RequestDelta(out.request_id, final, True, out.prompt, out.prompt_token_ids, out.metrics,
+                                         out.num_cached_tokens)  # fmt: skip
+                    errors.append((out.request_id, delta))
+        self._deliver(errors)
+
+    def _step(self) -> None:
+        deltas = self.engine.step()
+        if deltas:
+            self._deliver([(d.request_id, d) for d in deltas])
 
     def _run(self) -> None:
         last_log = time.monotonic()
@@ -150,20 +216,17 @@ class AsyncEngine:
                 elif self._torch_profile is not None:
                     self._run_torch_profile()
                 else:
-                    outputs = self.engine.step()
-                    for out in outputs:
-                        self._deliver(out.request_id, out)
-                    if self.on_step is not None and outputs:
-                        self.on_step(outputs)
-                now = time.monotonic()
-                if self.log_stats_interval and now - last_log >= self.log_stats_interval:
-                    last_tokens = self._log_stats(now - last_log, last_tokens)
-                    last_log = now
+                    self._step()
+                if self.log_stats_interval:
+                    now = time.monotonic()
+                    if now - last_log >= self.log_stats_interval:
+                        last_tokens = self._log_stats(now - last_log, last_tokens)
+                        last_log = now
         except BaseException as exc:  # keep serving errors visible; never leave callers hanging
             log.exception("engine loop failed")
             self._dead = exc
-            for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"the engine stopped after an error: {exc}"))
+            error = EngineDeadError(f"the engine stopped after an error: {exc}")
+            self._deliver([(rid, error) for rid in list(self._streams)])
 
     async def profile_torch(self, steps: int, trace_path: str | None = None) -> dict:
         """Record the next `steps` engine steps with torch.profiler (seed 002's per-op table).
@@ -185,8 +248,7 @@ class AsyncEngine:
         done = 0
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             while done < steps and self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                self._step()
                 done += 1
                 self._drain_commands()
         if trace_path:

@@ -12,7 +12,13 @@ import time
 from dataclasses import dataclass, field
 
 from turbofan.engine.engine import Engine
-from turbofan.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from turbofan.engine.outputs import (
+    CompletionDelta,
+    OutputBuilder,
+    RequestDelta,
+    RequestMetrics,
+    RequestOutput,
+)
 from turbofan.engine.params import SamplingParams
 
 _ids = itertools.count()
@@ -39,16 +45,17 @@ def _beam_params(width: int) -> SamplingParams:
     return SamplingParams(max_tokens=1, temperature=0.0, logprobs=2 * width, ignore_eos=True)
 
 
-def _run_step(engine: Engine, beams: list[BeamSearchSequence], width: int) -> list[RequestOutput]:
+def _run_step(engine: Engine, beams: list[BeamSearchSequence], width: int) -> list[RequestDelta]:
+    """One token for every beam; each request's single delta carries it with its top 2 x width logprobs."""
     rids = [f"beam-{next(_ids)}" for _ in beams]
     for rid, beam in zip(rids, beams):
         engine.add_request(rid, beam.tokens, _beam_params(width))
-    done: dict[str, RequestOutput] = {}
+    done: dict[str, RequestDelta] = {}
     try:
         while len(done) < len(rids):
-            for out in engine.step():
-                if out.finished and out.request_id in rids:
-                    done[out.request_id] = out
+            for delta in engine.step():
+                if delta.finished and delta.request_id in rids:
+                    done[delta.request_id] = delta
     finally:
         for rid in rids:
             if rid not in done:
@@ -68,7 +75,7 @@ class _Search:
         self.beams = [BeamSearchSequence(list(prompt_ids))]
         self.completed: list[BeamSearchSequence] = []
 
-    def advance(self, outs: list[RequestOutput]) -> bool:
+    def advance(self, outs: list[RequestDelta]) -> bool:
         """Extend every beam by its candidates, keep the best `width`; False once no beam is live."""
         candidates = []
         for beam, out in zip(self.beams, outs):
@@ -84,10 +91,11 @@ class _Search:
                 self.beams.append(cand)
         return bool(self.beams)
 
-    def request_output(self, request_id: str, prompt, n: int, start: float, tokenizer) -> RequestOutput:
+    def request_output(self, request_id: str, prompt, n: int, start: float, tokenizer) -> RequestDelta:
+        """The n best beams as one final delta (what a stream of them holds)."""
         result = self.result(tokenizer)
         outputs = [
-            CompletionOutput(
+            CompletionDelta(
                 index=i,
                 text=s.text or "",
                 token_ids=s.tokens[self.prompt_len :],
@@ -99,7 +107,7 @@ class _Search:
         metrics = RequestMetrics(arrival_time=start, first_scheduled_time=start, finished_time=time.time())
         metrics.first_token_time = metrics.finished_time
         text = prompt if isinstance(prompt, str) else None
-        return RequestOutput(request_id, text, self.prompt_ids, None, outputs, True, metrics)
+        return RequestDelta(request_id, outputs, True, text, self.prompt_ids, metrics)
 
     def result(self, tokenizer) -> BeamSearchOutput:
         for beam in self.beams:
@@ -147,10 +155,15 @@ async def beam_search_async(async_engine, prompt: str | list[int], params: Sampl
     search = _start(engine, prompt, width, max_tokens, params.length_penalty, params.ignore_eos)
     start = time.time()
 
-    async def one(beam: BeamSearchSequence, i: int) -> RequestOutput:
+    async def one(beam: BeamSearchSequence, i: int) -> RequestDelta:
         rid = f"{request_id}-b{i}-{next(_ids)}"
-        outs = [out async for out in async_engine.generate(beam.tokens, _beam_params(width), rid)]
-        return outs[-1]
+        builder = OutputBuilder()
+        async for delta in async_engine.generate(beam.tokens, _beam_params(width), rid):
+            builder.add(delta)
+        out = builder.output()
+        c = out.outputs[0]
+        return RequestDelta(rid, [CompletionDelta(0, c.text, c.token_ids, c.logprobs)], True, None,
+                            out.prompt_token_ids, out.metrics)  # fmt: skip
 
     for _ in range(max_tokens):
         outs = await asyncio.gather(*(one(b, i) for i, b in enumerate(search.beams)))
@@ -165,4 +178,5 @@ def beam_search_output(engine: Engine, prompt: str | list[int], params: Sampling
     width, max_tokens = params.beam_width, params.max_tokens or 16
     search = _start(engine, prompt, width, max_tokens, params.length_penalty, params.ignore_eos)
     _drive(engine, search, max_tokens)
-    return search.request_output(f"beam-{next(_ids)}", prompt, params.n, start, engine.tokenizer)
+    delta = search.request_output(f"beam-{next(_ids)}", prompt, params.n, start, engine.tokenizer)
+    return OutputBuilder().add(delta).output()

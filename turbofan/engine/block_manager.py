@@ -36,12 +36,15 @@ class BlockManager:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
     # -- prefix cache -------------------------------------------------------------------------------------------
-    def _chain(self, token_ids: list[int], num_blocks: int) -> list[int]:
-        hashes, parent = [], 0
-        bs = self.block_size
-        for i in range(num_blocks):
-            parent = hash((parent, tuple(token_ids[i * bs : (i + 1) * bs])))
-            hashes.append(parent)
+    def _chain(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """The hash chain of `seq`'s first `num_blocks` full blocks; each block is hashed once per sequence."""
+        hashes = seq.block_hashes
+        if len(hashes) < num_blocks:
+            bs, tokens = self.block_size, seq.token_ids
+            parent = hashes[-1] if hashes else 0
+            for i in range(len(hashes), num_blocks):
+                parent = hash((parent, tuple(tokens[i * bs : (i + 1) * bs])))
+                hashes.append(parent)
         return hashes
 
     def match_prefix(self, seq: Sequence) -> int:
@@ -52,7 +55,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_table or seq.request.prompt_logprobs is not None:
             return 0  # prompt logprobs need the logits of every prompt position, so nothing can be skipped
         full = (seq.num_tokens - 1) // self.block_size
-        for h in self._chain(seq.token_ids, full):
+        for h in self._chain(seq, full)[:full]:
             block = self.cached.get(h)
             if block is None:
                 break
@@ -60,6 +63,7 @@ class BlockManager:
             seq.block_table.append(block)
         hit = len(seq.block_table) * self.block_size
         seq.num_computed_tokens = hit
+        seq.num_committed_blocks = len(seq.block_table)
         return hit
 
     def count_prefix_lookup(self, queried: int, hit: int) -> None:
@@ -68,15 +72,23 @@ class BlockManager:
         self.prefix_hits += hit
 
     def commit(self, seq: Sequence) -> None:
-        """Register every block of `seq` whose tokens are all computed, so later prompts can share it."""
+        """Register the blocks of `seq` that became full of computed tokens, so later prompts can share them.
+
+        Only new full blocks are hashed and registered: a decode step costs nothing until a block fills.
+        """
         if not self.enable_prefix_caching:
             return
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        hashes = self._chain(seq.token_ids, full)
-        for block, h in zip(seq.block_table[:full], hashes):
+        start = seq.num_committed_blocks
+        if full <= start:
+            return
+        hashes = self._chain(seq, full)
+        for i in range(start, full):
+            block, h = seq.block_table[i], hashes[i]
             if self.block_hash[block] is None and h not in self.cached:
                 self.block_hash[block] = h
                 self.cached[h] = block
+        seq.num_committed_blocks = full
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def _ref(self, block: int) -> None:
@@ -115,6 +127,7 @@ class BlockManager:
             dst = self._take()
             self._unref(src)
             seq.block_table[first] = dst
+            seq.num_synced_blocks = min(seq.num_synced_blocks, first)
             copies.append((src, dst))
         for _ in range(self.blocks_needed(seq, num_tokens)):
             seq.block_table.append(self._take())
@@ -124,8 +137,11 @@ class BlockManager:
         for block in parent.block_table:
             self._ref(block)
         child.block_table = list(parent.block_table)
+        child.num_committed_blocks = parent.num_committed_blocks
 
     def release(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # tail blocks are the least likely to be shared: free them first
             self._unref(block)
         seq.block_table = []
+        seq.num_synced_blocks = 0
+        seq.num_committed_blocks = 0

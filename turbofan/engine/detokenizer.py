@@ -2,8 +2,8 @@
 
 Text grows one token at a time through the tokenizers library's DecodeStream, which holds back bytes until they
 form valid UTF-8 (so Chinese never shows U+FFFD mid-stream). Stop strings may span tokens: we search only the
-region the new text could complete, cut the text at the match, and, while running, hold back the last
-len(longest stop) - 1 characters so a stream never shows the start of a stop string it will later remove.
+region the new text could complete and cut the text at the match. (The output processor holds back the last
+len(longest stop) - 1 characters of a running sequence, so a stream never shows the start of a stop string.)
 """
 
 from __future__ import annotations
@@ -40,12 +40,3 @@ class Detokenizer:
         at, stop = best
         seq.output_text = seq.output_text[: at + len(stop) if params.include_stop_str_in_output else at]
         return stop
-
-    @staticmethod
-    def visible_text(seq: Sequence) -> str:
-        """What a stream may show now: all of it once finished, else minus a possible stop-string prefix."""
-        stops = seq.request.params.stop
-        if seq.finished or not stops or seq.request.params.include_stop_str_in_output:
-            return seq.output_text
-        hold = max(len(s) for s in stops) - 1
-        return seq.output_text[: len(seq.output_text) - hold] if hold else seq.output_text

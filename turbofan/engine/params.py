@@ -35,6 +35,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # token id -> additive bias (OpenAI's logit_bias, clamped to [-100, 100]); applied as one batched op, after
+    # penalties and before the logits processors
+    logit_bias: dict[int, float] | None = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -46,6 +49,15 @@ class SamplingParams:
             self.top_k = -1
         if self.best_of is None:
             self.best_of = self.n
+        if self.logit_bias:
+            try:
+                self.logit_bias = {int(k): max(-100.0, min(100.0, float(v))) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+            if any(k < 0 for k in self.logit_bias):
+                raise ValueError(f"logit_bias token ids must be non-negative, got {sorted(self.logit_bias)[:5]}")
+        else:
+            self.logit_bias = None
         self._validate()
 
     def _validate(self) -> None:

@@ -1,35 +1,43 @@
-"""Turns a batch of logits into next tokens, one vectorised pass for all rows.
+"""Turns a batch of logits into next tokens: batched tensor ops on the rows that need them, nothing per token.
 
-Order (as in vLLM): penalties → min_tokens masking → logits processors → temperature → top-k → top-p → min-p →
-sample. Sampling is an exponential race (argmax of p / q with q ~ Exp(1)), which equals sampling from p and
-lets every seeded row draw its noise from its own generator, so a request's tokens never depend on its batch.
-Logprobs are of the raw model distribution (vLLM's default), computed only when some row asks.
+Order (as in vLLM): penalties → min_tokens masking → logit bias → logits processors → then greedy rows take the
+argmax, and the others go temperature → top-k → top-p → min-p → sample. Greedy rows pay for nothing else.
+
+Top-p is computed inside the top-k candidates (one `topk`, never a full-vocabulary sort): a row with top_k keeps
+its k best, renormalised; a row with only top_p starts from its 128 best and widens (x16) until they hold top_p of
+its mass, so its nucleus is found exactly and identically whatever the width. The draw inverts the kept
+distribution's CDF with one uniform per row; a seeded row draws it from its own generator, so its tokens never
+depend on its batch mates or on which path its mates took. Logprobs are of the raw model distribution (vLLM's
+default), computed only for the rows that ask.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from turbofan.engine.input_batch import Penalties, SamplingBatch
 from turbofan.engine.outputs import Logprob
-from turbofan.engine.sequence import Sequence
+
+P_ONLY_FIRST_WIDTH = 128  # candidates a top-p-only row starts from
+P_ONLY_WIDEN = 16
 
 
 @dataclass
 class SamplerOutput:
     tokens: list[int]
-    logprobs: list[float] | None = None  # of each sampled token
-    ranks: list[int] | None = None
-    top_ids: torch.Tensor | None = None  # [N, k_max]
-    top_logprobs: torch.Tensor | None = None
-
-
-def _padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(r) for r in rows), default=0) or 1
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
-    lengths = torch.tensor([len(r) for r in rows])
-    return ids, torch.arange(width)[None, :] < lengths[:, None]
+    # for the rows that asked for logprobs (`logprob_rows`, in order): the sampled token's logprob and rank, and
+    # the row's own top-k (ids, logprobs)
+    logprob_rows: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+    # per PromptLogprobRows of the batch: (chosen logprobs, ranks, top ids, top logprobs), one entry per position
+    prompt_logprobs: list[tuple[list[float], list[int], list[list[int]], list[list[float]]]] = field(
+        default_factory=list
+    )
 
 
 class Sampler:
@@ -38,91 +46,169 @@ class Sampler:
         # Engine-wide processors (from plugins) run on every row after the request's own.
         self.logits_processors = list(logits_processors or [])
 
-    def _penalise(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        params = [s.request.params for s in seqs]
-        rep = torch.tensor([p.repetition_penalty for p in params])
-        pres = torch.tensor([p.presence_penalty for p in params])
-        freq = torch.tensor([p.frequency_penalty for p in params])
-        if bool((rep != 1).any()):
-            windows = []
-            for s, p in zip(seqs, params):
-                n = p.repeat_last_n
-                windows.append([] if n == 0 else s.token_ids[-n:] if n > 0 else s.token_ids)
-            ids, valid = _padded(windows)
-            seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, valid)
-            r = rep[:, None]
-            penalised = torch.where(logits > 0, logits / r, logits * r)
-            logits = torch.where(seen, penalised, logits)
-        if bool((pres != 0).any() or (freq != 0).any()):
-            ids, valid = _padded([s.output_token_ids for s in seqs])
-            counts = torch.zeros_like(logits).scatter_add_(1, ids, valid.to(logits.dtype))
-            logits = logits - freq[:, None] * counts - pres[:, None] * (counts > 0).to(logits.dtype)
-        return logits
-
-    def _suppress_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        for i, s in enumerate(seqs):  # only rows still below min_tokens: rare, so a short loop
-            p = s.request.params
-            if s.num_output_tokens < p.min_tokens:
-                banned = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
-                logits[i, banned] = float("-inf")
-        return logits
-
-    def _processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        for i, s in enumerate(seqs):
-            for proc in [*s.request.params.logits_processors, *self.logits_processors]:
-                logits[i] = proc(s.output_token_ids, logits[i])
-        return logits
-
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        params = [s.request.params for s in seqs]
-        want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        raw = logits.log_softmax(-1) if want_logprobs else None
-        logits = self._penalise(logits, seqs)
-        if any(p.min_tokens for p in params):
-            logits = self._suppress_stops(logits.clone(), seqs)
-        if self.logits_processors or any(p.logits_processors for p in params):
-            logits = self._processors(logits.clone(), seqs)
-        greedy = torch.tensor([p.greedy for p in params])
-        tokens = logits.argmax(-1)
-        if not bool(greedy.all()):
-            tokens = torch.where(greedy, tokens, self._random(logits, params, seqs))
-        out = SamplerOutput(tokens=tokens.tolist())
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """`logits` holds every logits row of the step; `batch.rows` are the ones sampled (a fork shares its
+        parent's), and the sampled rows may be modified in place."""
+        n = batch.num_rows
+        prompt_lp = [self._prompt_logprobs(logits, r) for r in batch.prompt_logprobs]
+        if batch.rows != list(range(logits.shape[0])):
+            logits = logits[batch.rows]
+        raw = logits[batch.logprob_rows].log_softmax(-1) if batch.logprob_rows else None
+        if batch.penalties is not None:
+            _penalise(logits, batch.penalties)
+        if batch.banned:
+            for row, eos, stops in batch.banned:
+                logits[row, (self.eos_token_ids if eos else []) + stops] = float("-inf")
+        if batch.bias_ids is not None:
+            logits.scatter_add_(1, batch.bias_ids, batch.bias_values.to(logits.dtype))
+        if batch.processor_rows or self.logits_processors:
+            self._processors(logits, batch)
+        if not batch.random_rows:
+            tokens = logits.argmax(-1)
+        elif not batch.greedy_rows:
+            tokens = self._random(logits, batch)
+        else:
+            tokens = torch.empty(n, dtype=torch.long)
+            greedy = torch.tensor(batch.greedy_rows)
+            rand = torch.tensor(batch.random_rows)
+            tokens[greedy] = logits[greedy].argmax(-1)
+            tokens[rand] = self._random(logits[rand], batch)
+        out = SamplerOutput(tokens=tokens.tolist(), prompt_logprobs=prompt_lp)
         if raw is not None:
-            chosen = raw.gather(1, tokens[:, None])
-            out.logprobs = chosen[:, 0].tolist()
-            out.ranks = ((raw > chosen).sum(-1) + 1).tolist()
-            k = max(want_logprobs)
-            if k:
-                out.top_logprobs, out.top_ids = raw.topk(k, dim=-1)
+            self._logprobs(raw, tokens[batch.logprob_rows], batch, out)
         return out
 
-    def _random(self, logits: torch.Tensor, params: list, seqs: list[Sequence]) -> torch.Tensor:
+    def _processors(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
+        rows = range(batch.num_rows) if self.logits_processors else batch.processor_rows
+        for i in rows:
+            seq = batch.seqs[i]
+            outputs = seq.output_token_ids
+            for proc in [*seq.request.params.logits_processors, *self.logits_processors]:
+                logits[i] = proc(outputs, logits[i])
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch, out: SamplerOutput) -> None:
+        chosen = raw.gather(1, tokens[:, None])
+        out.logprob_rows = batch.logprob_rows
+        out.logprobs = chosen[:, 0].tolist()
+        out.ranks = ((raw > chosen).sum(-1) + 1).tolist()
+        k = max(batch.logprob_k)
+        if k:
+            vals, ids = raw.topk(k, dim=-1)
+            out.top_ids = [r[:kr] for r, kr in zip(ids.tolist(), batch.logprob_k)]
+            out.top_logprobs = [r[:kr] for r, kr in zip(vals.tolist(), batch.logprob_k)]
+        else:
+            out.top_ids = [[] for _ in batch.logprob_rows]
+            out.top_logprobs = [[] for _ in batch.logprob_rows]
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, spec) -> tuple:
+        rows = logits[spec.row : spec.row + spec.count].log_softmax(-1)
+        prompt = spec.seq.request.prompt_token_ids
+        targets = torch.tensor(prompt[spec.start + 1 : spec.start + 1 + spec.count])[:, None]
+        chosen = rows.gather(1, targets)
+        ranks = ((rows > chosen).sum(-1) + 1).tolist()
+        k = spec.seq.request.params.prompt_logprobs or 0
+        if k:
+            vals, ids = rows.topk(k, dim=-1)
+            return chosen[:, 0].tolist(), ranks, ids.tolist(), vals.tolist()
+        return chosen[:, 0].tolist(), ranks, [[] for _ in ranks], [[] for _ in ranks]
+
+    # -- the random rows ------------------------------------------------------------------------------------------
+    def _random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         vocab = logits.shape[-1]
-        temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], dtype=logits.dtype)
-        logits = logits / temp[:, None]
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
-        if bool((top_k < vocab).any()):
-            kmax = int(top_k[top_k < vocab].max())
-            kth = logits.topk(kmax, dim=-1).values.gather(1, (top_k.clamp(max=kmax) - 1)[:, None])
-            kth = torch.where((top_k < vocab)[:, None], kth, float("-inf"))
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(-1)
-        top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype)
-        if bool((top_p < 1).any()):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            drop = (sorted_probs.cumsum(-1) - sorted_probs) > top_p[:, None]  # always keeps the top token
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
-        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype)
-        if bool((min_p > 0).any()):
-            floor = probs.max(-1, keepdim=True).values * min_p[:, None]
-            probs = probs.masked_fill(probs < floor, 0.0)
-        noise = torch.empty_like(probs).exponential_()
-        for i, s in enumerate(seqs):
-            if s.generator is not None:
-                noise[i].exponential_(generator=s.generator)
-        return (probs / noise).argmax(-1)
+        x = logits / batch.temperature[:, None].to(logits.dtype)
+        u = _uniforms(batch.generators)
+        top_k, top_p, min_p = batch.top_k.clamp(max=vocab), batch.top_p, batch.min_p
+        truncated = (top_k < vocab) | (top_p < 1)
+        if bool(truncated.all()):
+            return _sample_truncated(x, top_k, top_p, min_p, u)
+        if not bool(truncated.any()):
+            return _sample_full(x, min_p, u)
+        tokens = torch.empty(x.shape[0], dtype=torch.long)
+        t = truncated.nonzero()[:, 0]
+        f = (~truncated).nonzero()[:, 0]
+        tokens[t] = _sample_truncated(x[t], top_k[t], top_p[t], min_p[t], u[t])
+        tokens[f] = _sample_full(x[f], min_p[f], u[f])
+        return tokens
+
+
+def _penalise(logits: torch.Tensor, p: Penalties) -> None:
+    """In place on `logits`; repetition as transformers does (divide positive logits, multiply negative ones)."""
+    every = p.rows.shape[0] == logits.shape[0] and bool((p.rows == torch.arange(logits.shape[0])).all())
+    sub = logits if every else logits[p.rows]
+    if p.rep_ids is not None:
+        vals = sub.gather(1, p.rep_ids)
+        r = p.rep[:, None].to(sub.dtype)
+        sub.scatter_(1, p.rep_ids, torch.where(vals > 0, vals / r, vals * r))
+    if p.out_ids is not None:
+        counts = torch.zeros_like(sub).scatter_add_(1, p.out_ids, p.out_valid.to(sub.dtype))
+        sub -= p.frequency[:, None].to(sub.dtype) * counts + p.presence[:, None].to(sub.dtype) * (counts > 0)
+    if not every:
+        logits[p.rows] = sub
+
+
+def _uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One uniform in [0, 1) per row: a seeded row's from its own generator, the others' from the global one."""
+    u = torch.rand(len(generators), dtype=torch.float64)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand(1, dtype=torch.float64, generator=g)[0]
+    return u
+
+
+def _invert(probs: torch.Tensor, u: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """Column of each row's CDF (over the unnormalised `probs`) where u * total falls; `last` caps it at the row's
+    last kept column (u * total may round up to the total)."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    target = (u * cdf[:, -1])[:, None]
+    col = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return col.clamp(max=probs.shape[-1] - 1) if last is None else torch.minimum(col, last)
+
+
+def _sample_truncated(
+    x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    vocab = x.shape[-1]
+    has_k = top_k < vocab
+    p_only = ~has_k & (top_p < 1)
+    width = int(top_k[has_k].max()) if bool(has_k.any()) else 0
+    if bool(p_only.any()):
+        width = max(width, P_ONLY_FIRST_WIDTH)
+        full_lse = x.logsumexp(-1)  # a top-p-only row measures its nucleus against the whole distribution
+    while True:
+        width = min(width, vocab)
+        vals, ids = x.topk(width, dim=-1)
+        col = torch.arange(width)
+        in_k = col[None, :] < torch.where(has_k, top_k, width)[:, None]
+        vals = vals.masked_fill(~in_k, float("-inf"))
+        lse = vals.logsumexp(-1)
+        if bool(p_only.any()):
+            lse = torch.where(p_only, full_lse, lse)
+        probs = (vals - lse[:, None]).exp()
+        cum = probs.cumsum(-1)
+        short = p_only & (cum[:, -1] < top_p)  # the nucleus reaches past these candidates: widen
+        if width == vocab or not bool(short.any()):
+            break
+        width *= P_ONLY_WIDEN
+    keep = in_k & (((cum - probs) <= top_p[:, None]) | (top_p >= 1)[:, None])  # always keeps the top token
+    if bool((min_p > 0).any()):
+        keep &= probs >= probs[:, :1] * min_p[:, None]
+    probs = probs.masked_fill(~keep, 0.0)
+    col = _invert(probs, u, keep.sum(-1) - 1)  # kept candidates are a prefix of the sorted ones
+    return ids.gather(1, col[:, None])[:, 0]
+
+
+def _sample_full(x: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    probs = x.softmax(-1)
+    last = None
+    if bool((min_p > 0).any()):
+        keep = probs >= probs.max(-1, keepdim=True).values * min_p[:, None]
+        probs = probs.masked_fill(~keep, 0.0)
+        vocab = probs.shape[-1]
+        last = vocab - 1 - keep.flip(-1).to(torch.uint8).argmax(-1)
+    return _invert(probs, u, last)
 
 
 def top_logprobs_dict(

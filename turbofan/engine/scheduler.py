@@ -1,25 +1,47 @@
-"""Iteration-level scheduling: who runs this step, and how many tokens each.
+"""The scheduler: the one owner of request state. It decides who runs each step, and updates them after it.
 
 Each step has a token budget. Running sequences go first (a decode costs one token, an unfinished prefill
 takes what the budget leaves), so a long prompt arriving never stalls the streams already running: it is
 prefilled in chunks across steps. When the KV cache runs out, the newest running sequence is preempted and
 recomputed later (vLLM's recompute policy).
+
+`schedule()` also lays out which rows of the step need logits (the last token of a finished prefill, every
+prompt position whose logprobs were asked for) and which sequence samples from which row; an n > 1 request forks
+into its n sequences on the step that completes its prompt, the forks sampling from their parent's row.
+`update_from_output()` applies what the sampler drew: it appends each token, detokenizes it, and finishes a
+sequence on EOS, a stop token, a stop string or its length.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from turbofan.engine.block_manager import BlockManager
-from turbofan.engine.sequence import Sequence, Status
+from turbofan.engine.detokenizer import Detokenizer
+from turbofan.engine.sequence import Request, Sequence, Status
+
+
+@dataclass
+class PromptLogprobRows:
+    """Prompt positions [start, start + count) of `seq` want logprobs; their logits are rows [row, row + count)."""
+
+    seq: Sequence
+    row: int
+    start: int
+    count: int
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens this step)
+    logits_offsets: list[list[int]] = field(default_factory=list)  # per scheduled sequence: chunk offsets with logits
+    sample: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, logits row) to sample this step
+    prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block pairs
     preempted: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # finished or aborted since the previous schedule
 
     @property
     def num_tokens(self) -> int:
@@ -29,25 +51,62 @@ class SchedulerOutput:
 class Scheduler:
     blocks: BlockManager  # injected by the container (the two refer to each other's decisions)
 
-    def __init__(self, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+    def __init__(
+        self,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        detokenizer: Detokenizer | None = None,
+        eos_token_ids: list[int] | None = None,
+        max_model_len: int = 1 << 30,
+    ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.detokenizer = detokenizer
+        self.eos_token_ids = frozenset(eos_token_ids or ())
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._finished: list[Sequence] = []
         self.num_preemptions = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.steps_total = 0
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.add(request.seqs[0])
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """A fork joins its parent among the running sequences."""
-        seq.status = Status.RUNNING
-        self.running.append(seq)
+    def abort_request(self, request_id: str) -> Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.finish(seq)
+        request.metrics.finished_time = time.time()
+        return request
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence from the queues and give its blocks back."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.FINISHED
+        self._finished.append(seq)
+
+    # -- deciding -----------------------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.blocks.release(seq)
@@ -58,9 +117,9 @@ class Scheduler:
         out.preempted.append(seq)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished=self._finished)
+        self._finished = []
         budget = self.max_num_batched_tokens
-        scheduled: set[int] = set()
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -76,10 +135,17 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 out.scheduled.append((seq, n))
-                scheduled.add(seq.seq_id)
                 budget -= n
         if out.preempted:  # the cache is full: admitting new work now would only thrash
-            return self._drop_preempted(out)
+            gone = {s.seq_id for s in out.preempted}
+            out.scheduled = [(s, n) for s, n in out.scheduled if s.seq_id not in gone]
+        else:
+            self._admit(out, budget)
+        if out.scheduled:
+            self._layout(out)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hit = self.blocks.match_prefix(seq)  # a waiting sequence holds no blocks
@@ -92,7 +158,7 @@ class Scheduler:
                         f"a sequence of {seq.num_tokens} tokens does not fit in the KV cache "
                         f"({self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens)"
                     )
-                break
+                return
             self.blocks.count_prefix_lookup(seq.num_tokens, hit)
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.num_cached_tokens = hit
@@ -101,18 +167,81 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
-        return out
 
-    def _drop_preempted(self, out: SchedulerOutput) -> SchedulerOutput:
-        gone = {s.seq_id for s in out.preempted}
-        out.scheduled = [(s, n) for s, n in out.scheduled if s.seq_id not in gone]
-        return out
+    def _layout(self, out: SchedulerOutput) -> None:
+        """Which rows of the step need logits, who samples from which, and the forks of n > 1 requests."""
+        now = time.time()
+        self.steps_total += 1
+        row = 0
+        for seq, n in out.scheduled:
+            start = seq.num_computed_tokens
+            request = seq.request
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            done = start + n == seq.num_tokens
+            n_prompt = request.num_prompt_tokens
+            if start < n_prompt:
+                self.prompt_tokens_total += min(n, n_prompt - start)
+            if request.prompt_logprobs is not None and start < n_prompt - 1:
+                computed = len(request.prompt_logprobs) - 1  # a recompute after preemption must not add them twice
+                first, stop = max(start, computed), min(start + n, n_prompt - 1)
+                if first < stop:
+                    out.prompt_logprobs.append(PromptLogprobRows(seq, row + first - start, first, stop - first))
+                offsets = list(range(n))
+            else:
+                offsets = [n - 1] if done else []
+            out.logits_offsets.append(offsets)
+            if done:
+                sample_row = row + len(offsets) - 1
+                out.sample.append((seq, sample_row))
+                if not request.forked:
+                    self._fork(seq, start + n, sample_row, out)
+            row += len(offsets)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence from the queues and give its blocks back."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.blocks.release(seq)
-        seq.status = Status.FINISHED
+    def _fork(self, seq: Sequence, num_computed: int, row: int, out: SchedulerOutput) -> None:
+        """n > 1: the step that completes the prompt forks the request into n sequences sharing its KV blocks."""
+        request = seq.request
+        request.forked = True
+        for index in range(1, request.params.n):
+            child = seq.fork(index, num_computed)
+            self.blocks.fork(seq, child)
+            child.status = Status.RUNNING
+            self.running.append(child)
+            request.seqs.append(child)
+            out.sample.append((child, row))
+
+    # -- updating -----------------------------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, tokens: list[int]) -> list[Request]:
+        """Apply a step's sampled tokens (one per `out.sample` row); returns the requests that finished."""
+        now = time.time()
+        for seq, n in out.scheduled:
+            seq.num_computed_tokens += n
+            self.blocks.commit(seq)
+        self.generation_tokens_total += len(tokens)
+        detokenize = self.detokenizer.append
+        finished: list[Request] = []
+        for (seq, _), token in zip(out.sample, tokens):
+            request = seq.request
+            params = request.params
+            metrics = request.metrics
+            seq.token_ids.append(token)
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            stop = detokenize(seq, token)
+            num_out = seq.num_tokens - request.num_prompt_tokens
+            enough = num_out >= params.min_tokens
+            if stop is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+            elif enough and not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason = "stop"
+            elif enough and token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                self.finish(seq)
+                if request.finished and self.requests.pop(request.request_id, None) is not None:
+                    metrics.finished_time = now
+                    finished.append(request)
+        return finished

@@ -43,6 +43,13 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        # bookkeeping of the components that keep state across steps
+        self.slot: int | None = None  # row of the InputBatch's per-slot tensors while the sequence is live
+        self.num_synced_blocks = 0  # block-table entries the InputBatch has copied (the block manager resets it)
+        self.block_hashes: list[int] = []  # prefix-cache chain of its full blocks, extended as tokens arrive
+        self.num_committed_blocks = 0  # blocks already registered in the prefix cache
+        self.num_sent_tokens = 0  # what the output processor has emitted
+        self.num_sent_chars = 0
 
     @property
     def num_tokens(self) -> int:
@@ -64,17 +71,18 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def fork(self, index: int) -> Sequence:
+    def fork(self, index: int, num_computed_tokens: int) -> Sequence:
         child = Sequence(self.request, index, list(self.token_ids))
-        child.num_computed_tokens = self.num_computed_tokens
-        child.block_table = list(self.block_table)
+        child.num_computed_tokens = num_computed_tokens
+        child.block_hashes = list(self.block_hashes)
         child.status = self.status
         return child
 
-    def to_output(self, text: str) -> CompletionOutput:
+    def to_output(self) -> CompletionOutput:
+        """Everything so far (for an abort's answer; running requests stream deltas instead)."""
         return CompletionOutput(
             index=self.index,
-            text=text,
+            text=self.output_text,
             token_ids=list(self.output_token_ids),
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
             logprobs=None if self.logprobs is None else list(self.logprobs),  # the engine keeps appending
@@ -104,6 +112,7 @@ class Request:
         )
         self.num_cached_tokens = 0
         self.forked = params.n == 1
+        self.prompt_logprobs_sent = False
 
     @property
     def finished(self) -> bool:

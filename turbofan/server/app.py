@@ -62,8 +62,8 @@ class APIKeyMiddleware:
 
 
 def create_app(engine_source: EngineSource, settings: ServerSettings | None = None) -> FastAPI:
-    """`engine_source`: an Engine, an AsyncEngine, or a zero-argument callable that builds an Engine (it runs
-    on a worker thread after the server starts listening)."""
+    """`engine_source`: an EngineClient (an AsyncEngine), an Engine, or a zero-argument callable that builds one
+    (it runs on a worker thread after the server starts listening)."""
     settings = settings or ServerSettings()
     state = EngineState(engine_source, settings.max_waiting, settings.stats_interval)
     ctx = ServerContext(state, settings)
@@ -87,7 +87,7 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.ready:
-            dead = state.async_engine.dead  # the engine loop stopped after an error
+            dead = state.client.dead  # the engine loop stopped after an error
             if dead is not None:
                 return JSONResponse({"status": "error", "error": f"engine stopped: {dead}"}, status_code=503)
             return JSONResponse({"status": "ok"})
@@ -105,43 +105,32 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
         @app.get("/debug/engine")
         async def debug_engine() -> dict:
             """Queues and KV blocks right now: what the disconnect tests and an operator look at."""
-            ae = await state.wait()
-            stats = dataclasses.asdict(ae.engine.stats())
-            stats["in_flight"] = ae.num_in_flight
+            client = await state.wait()
+            stats = dataclasses.asdict(client.stats())
+            stats["in_flight"] = client.num_in_flight
             return stats
 
         @app.get("/debug/tiers")
         async def debug_tiers() -> dict:
             """The tiering table: key, calls, tier, compile time, eager vs compiled ms per step."""
-            ae = await state.wait()
-            tiers = ae.engine.runner.forward_fn
-            if not hasattr(tiers, "table"):
-                return {"tiering": "off", "tiers": []}
-            return {
-                "tiering": "on",
-                "tiers": tiers.table(),
-                "tier_calls": dict(tiers.tier_calls),
-                "deopts": dict(tiers.deopts),
-                "compile_seconds_total": round(tiers.compile_seconds_total, 2),
-            }
+            return (await state.wait()).tiers()
 
         @app.get("/debug/profile")
         async def debug_profile() -> JSONResponse:
             """Calls and time per component method (needs `--profile`)."""
-            ae = await state.wait()
-            profiler = getattr(ae.engine, "profiler", None)
-            if profiler is None:
+            table = (await state.wait()).profile_table()
+            if table is None:
                 return JSONResponse({"error": "profiling is off: start the server with --profile"}, status_code=404)
-            return JSONResponse({"methods": profiler.table()})
+            return JSONResponse({"methods": table})
 
         @app.post("/debug/profile/torch")
         async def debug_profile_torch(steps: int = 8) -> JSONResponse:
             """Record the next `steps` engine steps with torch.profiler: top ops by self time, and a Chrome trace."""
             if not 1 <= steps <= 1000:
                 return JSONResponse({"error": f"steps must be between 1 and 1000, got {steps}"}, status_code=400)
-            ae = await state.wait()
+            client = await state.wait()
             trace = os.path.join(tempfile.gettempdir(), f"turbofan-trace-{int(time.time())}.json")
-            return JSONResponse(await ae.profile_torch(steps, trace))
+            return JSONResponse(await client.profile_torch(steps, trace))
 
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)

@@ -1,6 +1,6 @@
 """Prometheus metrics under vLLM's names, so existing vLLM dashboards work against turbofan unchanged.
 
-Engine-wide numbers (queues, KV usage, token and prefix counters) are read from `engine.stats()` at scrape
+Engine-wide numbers (queues, KV usage, token and prefix counters) are read from the client's `stats()` at scrape
 time by a custom collector; per-request numbers (latency histograms, finish reasons) are recorded by the
 server when a request ends. Each app gets its own CollectorRegistry, so tests can build several apps.
 """
@@ -47,11 +47,11 @@ class EngineCollector(Collector):
         loaded = GaugeMetricFamily("turbofan:model_loaded", "1 once the model has loaded", labels=["model_name"])
         loaded.add_metric([name], 1.0 if self.state.ready else 0.0)
         yield loaded
-        engine = self.state.engine
-        if engine is None:
+        client = self.state.client
+        if client is None:
             return
         try:
-            s = engine.stats()
+            s = client.stats()
         except Exception:  # a scrape must never fail because the engine thread was mid-step
             log.debug("engine stats unavailable for this scrape", exc_info=True)
             return
@@ -80,23 +80,23 @@ class EngineCollector(Collector):
         steps = getattr(s, "steps_total", None)
         if steps is not None:
             yield counter("turbofan:engine_steps", "Engine steps run.", steps)
-        yield from self._tiers(engine, name)
+        yield from self._tiers(client, name)
 
     @staticmethod
-    def _tiers(engine, name: str) -> Iterable[Metric]:
-        tiers = engine.runner.forward_fn
-        if not hasattr(tiers, "tier_calls"):
+    def _tiers(client, name: str) -> Iterable[Metric]:
+        tiers = client.tiers()
+        if tiers.get("tiering") != "on":
             return
         calls = CounterMetricFamily("turbofan:tier_calls", "Forward steps run per tier.", labels=["model_name", "tier"])
         for tier in ("0", "1"):
-            calls.add_metric([name, tier], tiers.tier_calls.get(tier, 0))
+            calls.add_metric([name, tier], tiers["tier_calls"].get(tier, 0))
         yield calls
         deopts = CounterMetricFamily("turbofan:deopts", "Steps that fell back to tier 0.", labels=["model_name", "reason"])
-        for reason, count in dict(tiers.deopts).items():
+        for reason, count in tiers["deopts"].items():
             deopts.add_metric([name, reason], count)
         yield deopts
         seconds = CounterMetricFamily("turbofan:compile_seconds", "Seconds spent compiling hot shapes.", labels=["model_name"])
-        seconds.add_metric([name], tiers.compile_seconds_total)
+        seconds.add_metric([name], tiers["compile_seconds_total"])
         yield seconds
 
 

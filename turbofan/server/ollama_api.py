@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict
 
 import turbofan
-from turbofan.engine import RequestOutput, SamplingParams
+from turbofan.engine import RequestDelta, RequestOutput, SamplingParams
 from turbofan.server import gotemplate
 from turbofan.server.errors import APIError, bad_request
 from turbofan.server.serving import (
@@ -181,8 +181,8 @@ def _unsupported(format_: Any, images: list | None, think: Any) -> None:
 
 
 # -- prompts ------------------------------------------------------------------------------------------------------
-def generate_prompt(body: GenerateRequest, engine, chat_template: str | None) -> list[int]:
-    tok = engine.tokenizer
+def generate_prompt(body: GenerateRequest, client, chat_template: str | None) -> list[int]:
+    tok = client.tokenizer
     prompt = body.prompt or ""
     if body.raw:
         text, special = prompt, True
@@ -196,16 +196,16 @@ def generate_prompt(body: GenerateRequest, engine, chat_template: str | None) ->
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
             {"role": "user", "content": prompt}
         ]
-        text, special = _render_chat(engine, messages, chat_template), False
+        text, special = _render_chat(client, messages, chat_template), False
     else:  # a base model: Ollama's template is then just {{ .System }} {{ .Prompt }}
         text, special = (f"{body.system}\n\n{prompt}" if body.system else prompt), True
     ids = tok.encode(text, add_special_tokens=special)
     return list(body.context or []) + ids
 
 
-def _render_chat(engine, messages: list[dict], chat_template: str | None) -> str:
+def _render_chat(client, messages: list[dict], chat_template: str | None) -> str:
     try:
-        return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=chat_template)
+        return client.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=chat_template)
     except ValueError as exc:
         raise bad_request(str(exc)) from None
     except Exception as exc:  # jinja: the template refused these messages
@@ -250,43 +250,37 @@ def ollama_logprobs(token_ids: list[int], entries, k: int, tokenizer) -> list[di
     return out
 
 
-class _Deltas:
-    """Turns cumulative outputs into Ollama's per-line text (and logprobs) deltas."""
+def _text_and_logprobs(delta: RequestDelta, k: int | None, tokenizer) -> tuple[str, list | None]:
+    """The new text (and logprobs) of a delta's only sequence."""
+    if not delta.outputs:
+        return "", None
+    c = delta.outputs[0]
+    lps = None
+    if k is not None and c.logprobs:
+        lps = ollama_logprobs(c.token_ids, c.logprobs, k, tokenizer)
+    return c.text, lps
 
-    def __init__(self, k: int | None, tokenizer):
-        self.k, self.tokenizer = k, tokenizer
-        self.sent_text = 0
-        self.sent_lp = 0
 
-    def next(self, out: RequestOutput) -> tuple[str, list | None]:
-        c = out.outputs[0]
-        text = c.text[self.sent_text :]
-        self.sent_text = max(self.sent_text, len(c.text))
-        lps = None
-        n = len(c.token_ids)  # the engine may already have appended more logprobs than this output's tokens
-        if self.k is not None and c.logprobs is not None and n > self.sent_lp:
-            lps = ollama_logprobs(c.token_ids[self.sent_lp : n], c.logprobs[self.sent_lp : n], self.k, self.tokenizer)
-            self.sent_lp = n
-        return text, lps
+def _whole(out: RequestOutput, k: int | None, tokenizer) -> tuple[str, list | None]:
+    """A whole answer's text (and logprobs)."""
+    c = out.outputs[0]
+    lps = ollama_logprobs(c.token_ids, c.logprobs, k, tokenizer) if k is not None and c.logprobs is not None else None
+    return c.text, lps
 
 
 def _line(payload: dict) -> str:
     return json.dumps(payload, ensure_ascii=False) + "\n"
 
 
-async def _ndjson(
-    gen: Generation, shape, final, deltas: _Deltas
-) -> AsyncIterator[str]:
+async def _ndjson(gen: Generation, shape, final, k: int | None, tokenizer) -> AsyncIterator[str]:
     """Stream: one line per new piece of text, then the final line with the statistics."""
     try:
-        async for out in gen:
-            text, lps = deltas.next(out)
-            if out.finished:
-                if text or lps:
-                    yield _line(shape(text, lps, False, None))
-                yield _line(final(out))
-            elif text or lps:
+        async for delta in gen:
+            text, lps = _text_and_logprobs(delta, k, tokenizer)
+            if text or lps:
                 yield _line(shape(text, lps, False, None))
+            if delta.finished:
+                yield _line(final(gen.output()))
     except APIError as exc:
         yield _line({"error": exc.message})
 
@@ -302,7 +296,7 @@ def _load_response(model: str, keep_alive: Any, chat: bool) -> dict:
 
 
 async def _engine_for(ctx: ServerContext, model: str | None):
-    """Check the model name and wait for the engine; returns (engine, seconds waited for it to load)."""
+    """Check the model name and wait for the engine; returns (its client, seconds waited for it to load)."""
     if not model:
         raise bad_request("model is required")
     t0 = time.time()
@@ -310,8 +304,8 @@ async def _engine_for(ctx: ServerContext, model: str | None):
         await ctx.require_model(model)
     except APIError as exc:  # Ollama's own wording for an unknown model
         raise _not_found(model) if exc.status == 404 else exc from None
-    engine = (await ctx.state.wait()).engine
-    return engine, time.time() - t0
+    client = await ctx.state.wait()
+    return client, time.time() - t0
 
 
 def _not_found(model: str) -> APIError:
@@ -323,19 +317,18 @@ def _not_found(model: str) -> APIError:
 async def generate(body: GenerateRequest, request: Request):
     started = time.time()
     ctx = ctx_of(request)
-    engine, waited = await _engine_for(ctx, body.model)
+    client, waited = await _engine_for(ctx, body.model)
     _unsupported(body.format, body.images, body.think)
     if body.suffix:
         raise bad_request(f'"{body.model}" does not support insert')
     if not body.prompt and not body.context:
         return JSONResponse(_load_response(body.model, body.keep_alive, chat=False))
     k = _logprobs_k(body.logprobs, body.top_logprobs)
-    prompt_ids = generate_prompt(body, engine, ctx.settings.chat_template)
-    params = sampling_from_options(body.options, len(prompt_ids), engine.max_model_len, k)
+    prompt_ids = generate_prompt(body, client, ctx.settings.chat_template)
+    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k)
     request_id = f"ollama-gen-{int(started * 1e6):x}-{id(body):x}"
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.generate"))
     model = body.model
-    deltas = _Deltas(k, engine.tokenizer)
 
     def shape(text: str, lps, done: bool, extra: dict | None) -> dict:
         line = {"model": model, "created_at": now_rfc3339(), "response": text, "done": done}
@@ -348,9 +341,9 @@ async def generate(body: GenerateRequest, request: Request):
         return shape("", None, True, {**final_stats(out, started, waited), "context": context})
 
     if body.stream:
-        return StreamingResponse(_ndjson(gen, shape, final, deltas), media_type=NDJSON)
+        return StreamingResponse(_ndjson(gen, shape, final, k, client.tokenizer), media_type=NDJSON)
     out = await unless_disconnected(request, collect(gen))
-    text, lps = _Deltas(k, engine.tokenizer).next(out)
+    text, lps = _whole(out, k, client.tokenizer)
     return JSONResponse({**final(out), "response": text, **({"logprobs": lps} if lps is not None else {})})
 
 
@@ -358,20 +351,19 @@ async def generate(body: GenerateRequest, request: Request):
 async def chat(body: ChatRequest, request: Request):
     started = time.time()
     ctx = ctx_of(request)
-    engine, waited = await _engine_for(ctx, body.model)
+    client, waited = await _engine_for(ctx, body.model)
     images = [img for m in body.messages or [] for img in (m.images or [])]
     _unsupported(body.format, images, body.think)
     if not body.messages:
         return JSONResponse(_load_response(body.model, body.keep_alive, chat=True))
     k = _logprobs_k(body.logprobs, body.top_logprobs)
     messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
-    text = _render_chat(engine, messages, ctx.settings.chat_template)
-    prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    params = sampling_from_options(body.options, len(prompt_ids), engine.max_model_len, k)
+    text = _render_chat(client, messages, ctx.settings.chat_template)
+    prompt_ids = client.tokenizer.encode(text, add_special_tokens=False)
+    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k)
     request_id = f"ollama-chat-{int(started * 1e6):x}-{id(body):x}"
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.chat"))
     model = body.model
-    deltas = _Deltas(k, engine.tokenizer)
 
     def shape(text: str, lps, done: bool, extra: dict | None) -> dict:
         line = {"model": model, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": text}}
@@ -384,9 +376,9 @@ async def chat(body: ChatRequest, request: Request):
         return shape("", None, True, final_stats(out, started, waited))
 
     if body.stream:
-        return StreamingResponse(_ndjson(gen, shape, final, deltas), media_type=NDJSON)
+        return StreamingResponse(_ndjson(gen, shape, final, k, client.tokenizer), media_type=NDJSON)
     out = await unless_disconnected(request, collect(gen))
-    text, lps = _Deltas(k, engine.tokenizer).next(out)
+    text, lps = _whole(out, k, client.tokenizer)
     reply = final(out)
     reply["message"]["content"] = text
     if lps is not None:
@@ -439,9 +431,7 @@ async def served_info(ctx: ServerContext):
     """The store's description (turbofan.store.ModelInfo) of the model being served, computed once."""
     cached = ctx._served_info
     if cached is None:
-        engine = ctx.state.engine
-        path = engine.container.get("model_path") if hasattr(engine, "container") else engine.config.model
-        cached = await _store_call(ctx.store.show, str(path))
+        cached = await _store_call(ctx.store.show, ctx.client.info.path)
         ctx._served_info = cached
     return cached
 
@@ -451,38 +441,29 @@ async def tags(request: Request) -> dict:
     """The served model first (UIs pick models from this list), then everything else in the store."""
     ctx = ctx_of(request)
     models = []
-    if ctx.state.engine is not None:
+    if ctx.client is not None:
         models.append(tag_entry((await served_info(ctx)).entry, ctx.model_name))
     seen = {m["name"] for m in models}
     models += [e for e in map(tag_entry, await _store_call(ctx.store.list)) if e["name"] not in seen]
     return {"models": models}
 
 
-def _weights_bytes(engine) -> int:
-    cached = getattr(engine, "_turbofan_weight_bytes", None)
-    if cached is None:
-        model = engine.runner.model
-        cached = sum(p.numel() * p.element_size() for p in model.parameters())
-        cached += sum(b.numel() * b.element_size() for b in model.buffers())
-        engine._turbofan_weight_bytes = cached
-    return cached
-
-
 @router.get("/api/ps")
 async def ps(request: Request) -> dict:
     ctx = ctx_of(request)
-    engine = ctx.state.engine
-    if engine is None:
+    client = ctx.client
+    if client is None:
         return {"models": []}
     entry = tag_entry((await served_info(ctx)).entry, ctx.model_name)
-    size = _weights_bytes(engine) + int(getattr(engine.runner, "kv_cache_bytes", 0))
-    on_gpu = str(getattr(engine.runner, "device", "cpu")).startswith("cuda")
+    info = client.info
+    size = info.weights_bytes + info.kv_cache_bytes
+    on_gpu = info.device.startswith("cuda")
     entry.pop("modified_at")
     entry.update(
         size=size,
         size_vram=size if on_gpu else 0,
         expires_at=NEVER,  # the model stays loaded while the server runs (keep_alive is ignored)
-        context_length=engine.max_model_len,
+        context_length=info.max_model_len,
     )
     return {"models": [entry]}
 
@@ -491,16 +472,16 @@ async def ps(request: Request) -> dict:
 async def show(body: NameRequest, request: Request) -> dict:
     ctx = ctx_of(request)
     name = body.target
-    serving = ctx.accepts(name) and ctx.state.engine is not None
+    serving = ctx.accepts(name) and ctx.client is not None
     info = await served_info(ctx) if serving else await _store_call(ctx.store.show, name)
     entry = info.entry
     family = entry.family or entry.model_type or "unknown"
     template = info.chat_template or ""
     context = entry.context_length
     if serving:
-        engine = ctx.state.engine
-        template = ctx.settings.chat_template or engine.tokenizer.hf.chat_template or template
-        context = engine.max_model_len
+        client = ctx.client
+        template = ctx.settings.chat_template or client.tokenizer.hf.chat_template or template
+        context = client.info.max_model_len
     config = info.config or {}
     model_info = {
         "general.architecture": family,

@@ -1,7 +1,7 @@
 """OpenAI-compatible routes (as vLLM serves them): models, chat and text completions, tokenize, version.
 
-Streaming is Server-Sent Events ending in `data: [DONE]`. Outputs from the engine are cumulative; each chunk
-carries the difference from what this stream has already sent.
+Streaming is Server-Sent Events ending in `data: [DONE]`. The engine hands over deltas (each new token and text
+piece once), so a chunk is a delta formatted; non-streaming answers read the generation's folded output.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 import turbofan
-from turbofan.engine import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from turbofan.engine import CompletionDelta, CompletionOutput, Logprob, RequestOutput, SamplingParams
 from turbofan.server.errors import APIError, bad_request, openai_error_body
 from turbofan.server.protocol import (
     ChatCompletionRequest,
@@ -60,10 +60,10 @@ def finite(x: float) -> float:
 
 
 # -- request → SamplingParams -------------------------------------------------------------------------------------
-def _logit_bias_processor(bias: dict[str, float], vocab_size: int) -> Callable:
-    import torch
-
-    ids, vals = [], []
+def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias (token id strings -> bias) checked against the vocabulary; the engine applies it to
+    the whole batch in one op (SamplingParams.logit_bias), clamped to [-100, 100]."""
+    out = {}
     for key, value in bias.items():
         try:
             token = int(key)
@@ -71,18 +71,12 @@ def _logit_bias_processor(bias: dict[str, float], vocab_size: int) -> Callable:
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
         if not 0 <= token < vocab_size:
             raise bad_request(f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size})", "logit_bias")
-        ids.append(token)
-        vals.append(max(-100.0, min(100.0, float(value))))
-    index, delta = torch.tensor(ids), torch.tensor(vals)
-
-    def apply(_tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
-        return logits.index_add(0, index, delta.to(logits.dtype))
-
-    return apply
+        out[token] = float(value)
+    return out
 
 
 def sampling_params(
-    body: SamplingFields, engine, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
+    body: SamplingFields, client, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
 ) -> SamplingParams:
     if body.best_of is not None and body.best_of != body.n and not body.use_beam_search:
         raise bad_request(
@@ -90,9 +84,7 @@ def sampling_params(
         )
     if body.n > 128:
         raise bad_request(f"n must be at most 128, got {body.n}", "n")
-    processors = []
-    if body.logit_bias:
-        processors.append(_logit_bias_processor(body.logit_bias, engine.tokenizer.vocab_size))
+    bias = logit_bias(body.logit_bias, client.tokenizer.vocab_size) if body.logit_bias else None
     kwargs: dict[str, Any] = dict(
         n=body.n,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -115,7 +107,7 @@ def sampling_params(
         length_penalty=body.length_penalty,
         use_beam_search=body.use_beam_search,
         best_of=body.best_of,
-        logits_processors=processors,
+        logit_bias=bias,
     )
     if body.repeat_last_n is not None:
         kwargs["repeat_last_n"] = body.repeat_last_n
@@ -187,9 +179,8 @@ def completion_logprobs(
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     ctx = ctx_of(request)
-    engine = (await ctx.state.wait()).engine
-    root = str(engine.config.model)
-    cards = [ModelCard(id=name, root=root, max_model_len=engine.max_model_len) for name in ctx.served_names]
+    info = (await ctx.state.wait()).info
+    cards = [ModelCard(id=name, root=info.root, max_model_len=info.max_model_len) for name in ctx.served_names]
     return ModelList(data=cards)
 
 
@@ -197,8 +188,8 @@ async def list_models(request: Request) -> ModelList:
 async def get_model(model_id: str, request: Request) -> ModelCard:
     ctx = ctx_of(request)
     await ctx.require_model(model_id)
-    engine = (await ctx.state.wait()).engine
-    return ModelCard(id=model_id, root=str(engine.config.model), max_model_len=engine.max_model_len)
+    info = (await ctx.state.wait()).info
+    return ModelCard(id=model_id, root=info.root, max_model_len=info.max_model_len)
 
 
 @router.get("/version")
@@ -229,9 +220,9 @@ def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def render_chat(engine, messages: list[dict], template: str | None, **kwargs) -> str:
+def render_chat(client, messages: list[dict], template: str | None, **kwargs) -> str:
     try:
-        return engine.tokenizer.apply_chat_template(messages, chat_template=template, **kwargs)
+        return client.tokenizer.apply_chat_template(messages, chat_template=template, **kwargs)
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
     except Exception as exc:  # jinja errors: the template rejected these messages
@@ -242,7 +233,7 @@ def render_chat(engine, messages: list[dict], template: str | None, **kwargs) ->
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = ctx_of(request)
     await ctx.require_model(body.model)
-    engine = (await ctx.state.wait()).engine
+    client = await ctx.state.wait()
     if not body.messages:
         raise bad_request("messages must contain at least one message", "messages")
     if body.top_logprobs is not None and not body.logprobs:
@@ -254,17 +245,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.continue_final_message:
         template_kwargs["continue_final_message"] = True
     prompt = render_chat(
-        engine,
+        client,
         messages,
         body.chat_template or ctx.settings.chat_template,
         add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
         **template_kwargs,
     )
-    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
+    prompt_ids = client.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(
         body,
-        engine,
+        client,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         logprobs=k,
         prompt_logprobs=body.prompt_logprobs,
@@ -274,10 +265,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "openai.chat"))
     name = body.model or ctx.model_name
     if body.stream:
-        stream = chat_stream(gen, name, request_id, body, engine.tokenizer, echo)
+        stream = chat_stream(gen, name, request_id, body, client.tokenizer, echo)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
     final = await unless_disconnected(request, collect(gen))
-    return JSONResponse(chat_response(final, name, request_id, k, engine.tokenizer, echo))
+    return JSONResponse(chat_response(final, name, request_id, k, client.tokenizer, echo))
 
 
 def chat_response(final: RequestOutput, model: str, request_id: str, k: int | None, tokenizer, echo: str) -> dict:
@@ -337,52 +328,31 @@ async def chat_stream(
             payload["usage"] = usage_
         return sse(payload)
 
-    n = body.n
-    sent_text = [0] * n
-    sent_lp = [0] * n
-    done = [False] * n
-    prompt_tokens = 0
     try:
-        for i in range(n):
+        for i in range(body.n):
             role = {"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None, "finish_reason": None}
             yield chunk([role])
-        async for out in gen:
-            prompt_tokens = len(out.prompt_token_ids)
-            choices = []
-            for c in out.outputs:
-                choice = _chat_delta(c, sent_text, sent_lp, done, k, tokenizer)
-                if choice is not None:
-                    choices.append(choice)
+        async for delta in gen:
+            prompt_tokens = len(delta.prompt_token_ids)
+            choices = [choice for c in delta.outputs if (choice := _chat_choice(c, k, tokenizer)) is not None]
             if choices:
-                tokens = sum(len(c.token_ids) for c in out.outputs)
-                yield chunk(choices, usage(prompt_tokens, tokens) if continuous else None)
-            if out.finished and include_usage:
-                tokens = sum(len(c.token_ids) for c in out.outputs)
-                yield chunk([], usage(prompt_tokens, tokens, out.num_cached_tokens))
+                yield chunk(choices, usage(prompt_tokens, gen.num_tokens) if continuous else None)
+            if delta.finished and include_usage:
+                yield chunk([], usage(prompt_tokens, gen.num_tokens, delta.num_cached_tokens))
     except APIError as exc:
         yield sse(openai_error_body(exc.status, exc.message, exc.param, exc.code))
     yield "data: [DONE]\n\n"
 
 
-def _chat_delta(c: CompletionOutput, sent_text, sent_lp, done, k, tokenizer) -> dict | None:
-    i = c.index
-    if done[i]:
-        return None
-    text = c.text[sent_text[i] :]
-    sent_text[i] = max(sent_text[i], len(c.text))
+def _chat_choice(c: CompletionDelta, k: int | None, tokenizer) -> dict | None:
     logprobs = None
-    n = len(c.token_ids)  # the engine may already have appended more logprobs than this output's tokens
-    if k is not None and c.logprobs is not None and n > sent_lp[i]:
-        new = chat_logprobs(c.token_ids[sent_lp[i] : n], c.logprobs[sent_lp[i] : n], k, tokenizer)
-        sent_lp[i] = n
-        logprobs = {"content": new, "refusal": None}
-    finished = c.finish_reason is not None
-    if not text and logprobs is None and not finished:
+    if k is not None and c.logprobs:
+        logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, k, tokenizer), "refusal": None}
+    if not c.text and logprobs is None and not c.finished:
         return None
-    done[i] = finished
     return {
-        "index": i,
-        "delta": {"content": text} if text or not finished else {},
+        "index": c.index,
+        "delta": {"content": c.text} if c.text or not c.finished else {},
         "logprobs": logprobs,
         "finish_reason": c.finish_reason,
         "stop_reason": c.stop_reason,
@@ -412,17 +382,17 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> tuple[list[list[in
 async def completions(body: CompletionRequest, request: Request):
     ctx = ctx_of(request)
     await ctx.require_model(body.model)
-    engine = (await ctx.state.wait()).engine
+    client = await ctx.state.wait()
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:
         raise bad_request(f"logprobs must be between 0 and 20, got {body.logprobs}", "logprobs")
-    prompts, texts = completion_prompts(body, engine.tokenizer)
+    prompts, texts = completion_prompts(body, client.tokenizer)
     echo_only = body.echo and body.max_tokens == 0  # lm-eval's loglikelihood: prompt logprobs, no generation
     max_tokens = 1 if echo_only else body.max_tokens
     want_prompt_lp = body.logprobs if body.echo and body.logprobs is not None else body.prompt_logprobs
     params = sampling_params(
-        body, engine, max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=want_prompt_lp
+        body, client, max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=want_prompt_lp
     )
 
     def make(i: int) -> SamplingParams:  # the engine fills in max_tokens per prompt, so each gets its own copy
@@ -431,7 +401,7 @@ async def completions(body: CompletionRequest, request: Request):
     request_id = random_id("cmpl")
     gens = await unless_disconnected(request, start_all(ctx, prompts, make, request_id, "openai.completions"))
     name = body.model or ctx.model_name
-    shaper = CompletionShaper(body, engine.tokenizer, prompts, texts, echo_only)
+    shaper = CompletionShaper(body, client.tokenizer, prompts, texts, echo_only)
     if body.stream:
         stream = completion_stream(gens, name, request_id, body, shaper)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -471,17 +441,17 @@ class CompletionShaper:
                       zip(prompts, texts)]  # fmt: skip
         self.echo_only = echo_only
 
-    def _prompt_part(self, p: int, final: RequestOutput) -> tuple[str, dict | None]:
+    def _prompt_part(self, p: int, prompt_logprobs) -> tuple[str, dict | None]:
         text = self.texts[p]
         if self.body.logprobs is None:
             return text, None
-        entries = final.prompt_logprobs or [None] * len(self.prompts[p])
+        entries = prompt_logprobs or [None] * len(self.prompts[p])
         return text, completion_logprobs(self.prompts[p], entries, self.tokenizer, 0)
 
     def full_choice(self, p: int, c: CompletionOutput, final: RequestOutput) -> dict:
         text, logprobs = "", None
         if self.body.echo:
-            text, logprobs = self._prompt_part(p, final)
+            text, logprobs = self._prompt_part(p, final.prompt_logprobs)
         offset = len(text)
         if not self.echo_only:
             text += c.text
@@ -505,14 +475,8 @@ async def completion_stream(
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
     n = body.n
-    total = len(gens) * n
-    sent_text = [0] * total
-    sent_lp = [0] * total
-    offsets = [0] * total
-    echoed = [False] * total
-    done = [False] * total
-    prompt_tokens: dict[int, int] = {}
-    completion_tokens: dict[int, int] = {}
+    offsets = [0] * (len(gens) * n)  # characters sent per choice: logprobs' text_offset continues from there
+    echoed = [False] * (len(gens) * n)
 
     def chunk(choices: list[dict], usage_: dict | None = None) -> str:
         payload = {**head, "choices": choices}
@@ -521,36 +485,23 @@ async def completion_stream(
         return sse(payload)
 
     try:
-        async for p, out in merge(gens):
-            prompt_tokens[p] = len(out.prompt_token_ids)
-            completion_tokens[p] = 0 if shaper.echo_only else sum(len(c.token_ids) for c in out.outputs)
+        async for p, delta in merge(gens):
             choices = []
-            for c in out.outputs:
+            for c in delta.outputs:
                 i = p * n + c.index
-                if done[i]:
-                    continue
                 text, logprobs = "", None
                 if body.echo and not echoed[i]:
                     echoed[i] = True
-                    text, logprobs = shaper._prompt_part(p, out)
+                    text, logprobs = shaper._prompt_part(p, delta.prompt_logprobs)
                     offsets[i] = len(text)
                 if not shaper.echo_only:
-                    new_text = c.text[sent_text[i] :]
-                    sent_text[i] = max(sent_text[i], len(c.text))
-                    n_tok = len(c.token_ids)  # logprobs may run ahead of this output's tokens
-                    if body.logprobs is not None and c.logprobs is not None and n_tok > sent_lp[i]:
-                        lp = completion_logprobs(
-                            c.token_ids[sent_lp[i] : n_tok], c.logprobs[sent_lp[i] : n_tok], shaper.tokenizer,
-                            offsets[i] + len(text),
-                        )  # fmt: skip
-                        sent_lp[i] = n_tok
+                    if body.logprobs is not None and c.logprobs:
+                        lp = completion_logprobs(c.token_ids, c.logprobs, shaper.tokenizer, offsets[i])
                         logprobs = lp if logprobs is None else {k: logprobs[k] + lp[k] for k in logprobs}
-                    offsets[i] += len(new_text)
-                    text += new_text
-                finished = c.finish_reason is not None
-                if not text and logprobs is None and not finished:
+                    offsets[i] += len(c.text)
+                    text += c.text
+                if not text and logprobs is None and not c.finished:
                     continue
-                done[i] = finished
                 choices.append(
                     {
                         "index": i,
@@ -563,7 +514,9 @@ async def completion_stream(
             if choices:
                 yield chunk(choices)
         if include_usage:
-            yield chunk([], usage(sum(prompt_tokens.values()), sum(completion_tokens.values())))
+            prompt_tokens = sum(len(g.builder.last.prompt_token_ids) for g in gens if g.builder.last is not None)
+            completion_tokens = 0 if shaper.echo_only else sum(g.num_tokens for g in gens)
+            yield chunk([], usage(prompt_tokens, completion_tokens))
     except APIError as exc:
         yield sse(openai_error_body(exc.status, exc.message, exc.param, exc.code))
     yield "data: [DONE]\n\n"
@@ -575,21 +528,22 @@ async def completion_stream(
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     ctx = ctx_of(request)
     await ctx.require_model(body.model)
-    engine = (await ctx.state.wait()).engine
+    client = await ctx.state.wait()
+    tokenizer = client.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
     if body.messages is not None:
         text = render_chat(
-            engine,
+            client,
             _message_dicts(body.messages),
             ctx.settings.chat_template,
             add_generation_prompt=body.add_generation_prompt,
         )
-        tokens = engine.tokenizer.encode(text, add_special_tokens=False)
+        tokens = tokenizer.encode(text, add_special_tokens=False)
     else:
-        tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    strs = [engine.tokenizer.decode_token(t) for t in tokens] if body.return_token_strs else None
-    return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens, "token_strs": strs}
+        tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    strs = [tokenizer.decode_token(t) for t in tokens] if body.return_token_strs else None
+    return {"count": len(tokens), "max_model_len": client.info.max_model_len, "tokens": tokens, "token_strs": strs}
 
 
 @router.post("/detokenize")
@@ -597,9 +551,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     ctx = ctx_of(request)
     await ctx.require_model(body.model)
-    engine = (await ctx.state.wait()).engine
-    vocab = engine.tokenizer.vocab_size
+    tokenizer = (await ctx.state.wait()).tokenizer
+    vocab = tokenizer.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "tokens")
-    return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+    return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}

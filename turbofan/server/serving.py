@@ -1,9 +1,11 @@
 """What both APIs share: the served model's names, starting a request, and accounting for it when it ends.
 
-A `Generation` is started (and its first output awaited) before any response is sent, so a bad prompt or a
-full queue answers with its proper status instead of an error in the middle of a 200 stream. When the request
-ends — finished, failed, or abandoned by a client that went away — it is counted in the metrics and logged as
-one JSON line.
+A `Generation` is started (and its first delta awaited) before any response is sent, so a bad prompt or a
+full queue answers with its proper status instead of an error in the middle of a 200 stream. It yields the
+engine's deltas as they come (each token and text piece once) and folds them into the cumulative answer for
+whoever needs it whole (a non-streaming response, the metrics, the request log). When the request ends —
+finished, failed, or abandoned by a client that went away — it is counted in the metrics and logged as one JSON
+line.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from turbofan.engine import EngineDeadError, QueueFullError, RequestOutput, SamplingParams
+from turbofan.engine import (
+    EngineDeadError,
+    OutputBuilder,
+    QueueFullError,
+    RequestDelta,
+    RequestOutput,
+    SamplingParams,
+)
 from turbofan.server.errors import APIError
 from turbofan.server.metrics import ServerMetrics
 from turbofan.server.settings import ServerSettings
@@ -46,11 +55,16 @@ class ServerContext:
 
     # -- names ------------------------------------------------------------------------------------------------
     @property
+    def client(self):
+        """The EngineClient, or None while the model loads."""
+        return self.state.client
+
+    @property
     def served_names(self) -> list[str]:
         if self.settings.served_model_names:
             return list(self.settings.served_model_names)
-        if self.state.engine is not None:
-            return [self.state.engine.model_name]
+        if self.state.client is not None:
+            return [self.state.client.info.name]
         return ["unknown"]
 
     @property
@@ -62,9 +76,9 @@ class ServerContext:
         if not name:
             return True
         names = set(self.served_names)
-        if self.state.engine is not None:
-            names.add(self.state.engine.model_name)
-            names.add(str(self.state.engine.config.model))
+        if self.state.client is not None:
+            names.add(self.state.client.info.name)
+            names.add(self.state.client.info.root)
         if name in names:
             return True
         base, _, tag = name.partition(":")
@@ -109,19 +123,32 @@ def make_params(**kwargs: Any) -> SamplingParams:
 
 
 class Generation:
-    """One engine request as an async stream of cumulative outputs, with its accounting."""
+    """One engine request as an async stream of deltas, folded into its cumulative output on the way."""
 
-    def __init__(self, ctx: ServerContext, agen: AsyncIterator[RequestOutput], request_id: str, api: str):
+    def __init__(self, ctx: ServerContext, agen: AsyncIterator[RequestDelta], request_id: str, api: str):
         self.ctx = ctx
         self.agen = agen
         self.request_id = request_id
         self.api = api
-        self.first: RequestOutput | None = None
-        self.last: RequestOutput | None = None
+        self.first: RequestDelta | None = None
+        self.builder = OutputBuilder()
         self.started = time.time()
         self._recorded = False
         self._last_time = self.started
-        self._last_tokens = 0
+        self._seen_tokens = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens generated so far, over all sequences."""
+        return self.builder.num_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.builder.finished
+
+    def output(self) -> RequestOutput:
+        """Everything so far, cumulative (vLLM's RequestOutput)."""
+        return self.builder.output()
 
     async def _prime(self) -> None:
         try:
@@ -137,26 +164,26 @@ class Generation:
             raise APIError(503, str(exc), code="engine_dead") from None
         self._observe(self.first)
 
-    def _observe(self, out: RequestOutput) -> None:
-        self.last = out
-        now = time.time()
-        tokens = sum(len(c.token_ids) for c in out.outputs)
-        if self._last_tokens and tokens > self._last_tokens:  # the first token is TTFT, not ITL
-            self.ctx.metrics.observe_itl(now - self._last_time, tokens - self._last_tokens)
-        if tokens > self._last_tokens:
-            self._last_time, self._last_tokens = now, tokens
-        if out.finished:
+    def _observe(self, delta: RequestDelta) -> None:
+        self.builder.add(delta)
+        new = delta.num_new_tokens
+        if new:
+            now = time.time()
+            if self._seen_tokens:  # the first token is TTFT, not ITL
+                self.ctx.metrics.observe_itl(now - self._last_time, new)
+            self._last_time, self._seen_tokens = now, True
+        if delta.finished:
             self._record()
 
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+    async def __aiter__(self) -> AsyncIterator[RequestDelta]:
         try:
             if self.first is not None:
                 yield self.first
                 if self.first.finished:
                     return
-            async for out in self.agen:
-                self._observe(out)
-                yield out
+            async for delta in self.agen:
+                self._observe(delta)
+                yield delta
         except EngineDeadError as exc:
             raise APIError(503, str(exc), code="engine_dead") from None
         finally:
@@ -169,10 +196,10 @@ class Generation:
         self._record()
 
     def _record(self) -> None:
-        if self._recorded or self.last is None:
+        if self._recorded or self.builder.last is None:
             return
         self._recorded = True
-        out = self.last
+        out = self.builder.output()
         if not out.finished:  # abandoned: count it as aborted, as the engine does
             out.metrics.finished_time = out.metrics.finished_time or time.time()
             for c in out.outputs:
@@ -216,8 +243,8 @@ async def start_generation(
     ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str, api: str
 ) -> Generation:
     """Submit and wait for the first output, so errors surface before a response status is chosen."""
-    engine = await ctx.state.wait()
-    start = engine.beam_search if params.use_beam_search else engine.generate
+    client = await ctx.state.wait()
+    start = client.beam_search if params.use_beam_search else client.generate
     gen = Generation(ctx, start(prompt_ids, params, request_id), request_id, api)
     try:
         await gen._prime()
@@ -246,15 +273,14 @@ async def start_all(
 
 
 async def collect(gen: Generation) -> RequestOutput:
-    last = gen.first
-    async for out in gen:
-        last = out
-    assert last is not None
-    return last
+    """Read a generation to its end; the whole answer, cumulative."""
+    async for _ in gen:
+        pass
+    return gen.output()
 
 
-async def merge(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several generations' outputs as they come: (prompt index, output)."""
+async def merge(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestDelta]]:
+    """Interleave several generations' deltas as they come: (prompt index, delta)."""
     if len(gens) == 1:
         async for out in gens[0]:
             yield 0, out

@@ -1,7 +1,8 @@
 """EngineState: the engine as the server sees it — loading, ready, or failed — and a way to wait for it.
 
 The server listens before the model has loaded (like V8 answering before every page is parsed): `/health`
-says "loading", and API requests that arrive meanwhile wait here instead of failing.
+says "loading", and API requests that arrive meanwhile wait here instead of failing. Once ready, the server holds
+an EngineClient (turbofan.engine.client), the only way it reaches the engine.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from turbofan.server.errors import APIError
 
 log = logging.getLogger("turbofan.server")
 
-# What create_app accepts: a ready AsyncEngine or Engine, or a zero-argument callable that builds an Engine.
+# What create_app accepts: a ready EngineClient (an AsyncEngine) or Engine, or a zero-argument callable that builds
+# either one.
 EngineSource = Any
 
 
@@ -26,8 +28,7 @@ class EngineState:
         self.source = source
         self.max_waiting = max_waiting
         self.stats_interval = stats_interval
-        self.engine = None  # turbofan.engine.Engine once ready
-        self.async_engine = None  # turbofan.engine.AsyncEngine once ready
+        self.client = None  # the turbofan.engine.EngineClient once ready
         self.error: BaseException | None = None
         self.load_started = time.time()
         self.load_seconds: float | None = None
@@ -37,7 +38,7 @@ class EngineState:
 
     @property
     def ready(self) -> bool:
-        return self.async_engine is not None
+        return self.client is not None
 
     @property
     def status(self) -> str:
@@ -49,26 +50,25 @@ class EngineState:
         self._task = asyncio.create_task(self._load(), name="turbofan-engine-load")
 
     async def _load(self) -> None:
-        from turbofan.engine import AsyncEngine, Engine
+        from turbofan.engine import AsyncEngine, EngineClient
 
         self.load_started = time.time()
         try:
             source = self.source
-            if isinstance(source, AsyncEngine):
-                async_engine = source
+            if callable(source) and not isinstance(source, EngineClient):
+                loader: Callable[[], Any] = source
+                source = await asyncio.to_thread(loader)
+            if isinstance(source, EngineClient):
+                client = source
+            elif hasattr(source, "step") and hasattr(source, "add_request"):  # an Engine: run it on its own thread
+                client = AsyncEngine(source, max_waiting=self.max_waiting, log_stats_interval=self.stats_interval)
             else:
-                if not isinstance(source, Engine):
-                    if not callable(source):
-                        raise TypeError(f"engine source must be an Engine, AsyncEngine or callable, got {source!r}")
-                    loader: Callable[[], Engine] = source
-                    source = await asyncio.to_thread(loader)
-                async_engine = AsyncEngine(source, max_waiting=self.max_waiting, log_stats_interval=self.stats_interval)
-            await async_engine.start()
-            self.engine = async_engine.engine
-            self.async_engine = async_engine
+                raise TypeError(f"engine source must be an EngineClient, an Engine or a callable, got {source!r}")
+            await client.start()
+            self.client = client
             self.ready_at = time.time()
             self.load_seconds = self.ready_at - self.load_started
-            log.info("server ready", extra={"model": self.engine.model_name, "load_seconds": round(self.load_seconds, 2)})
+            log.info("server ready", extra={"model": client.info.name, "load_seconds": round(self.load_seconds, 2)})
         except BaseException as exc:  # noqa: BLE001 — surfaced through /health and every API call
             self.error = exc
             log.error("engine failed to load: %s", exc, exc_info=not isinstance(exc, asyncio.CancelledError))
@@ -78,17 +78,17 @@ class EngineState:
             self._ready.set()
 
     async def wait(self):
-        """The AsyncEngine, once loaded; raises a 503 APIError if loading failed."""
-        if self.async_engine is None:
+        """The EngineClient, once loaded; raises a 503 APIError if loading failed."""
+        if self.client is None:
             await self._ready.wait()
-        if self.async_engine is None:
+        if self.client is None:
             raise APIError(503, f"the model failed to load: {self.error}", code="model_load_failed")
-        return self.async_engine
+        return self.client
 
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(BaseException):  # shutting down
                 await self._task
-        if self.async_engine is not None:
-            await self.async_engine.stop()
+        if self.client is not None:
+            await self.client.stop()
