@@ -21,8 +21,9 @@ import torch
 from conftest import assert_no_leaks
 
 from turbofan import LLM, SamplingParams
+from turbofan.model import tiering
 from turbofan.model.batch import ForwardBatch
-from turbofan.model.tiering import BUCKETS, TieredForward
+from turbofan.model.tiering import BUCKETS, TieredForward, bucket_for
 
 THRESHOLD = 4
 MAX_TOKENS = 12
@@ -49,6 +50,20 @@ def _unique_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_judging():
+    """These tests pin which tier runs; whether compiled code pays is judged only where a test asks for it
+    (timings of a tiny model on a shared machine would make the tier flip at random)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiering, "JUDGE_AFTER", 10**9)
+        yield
+
+
+def test_buckets_are_at_most_a_quarter_apart_from_8_on():
+    assert bucket_for(33) == 40 and bucket_for(3) == 4 and bucket_for(9) == 10 and bucket_for(65) == 80
+    assert all(b / a <= 1.25 for a, b in zip(BUCKETS, BUCKETS[1:]) if a >= 8)
 
 
 @pytest.fixture(scope="module")
@@ -428,6 +443,33 @@ def test_compile_that_fails_twice_blacklists_the_key(fake_tiered, eager_llm, pro
         assert _gen(eager_llm, prompts) == reference["tokens"]
         assert tf.wait_idle(30)
     assert len(compiles) == 2 and tf.tier_calls["1"] == 0
+
+
+def test_compiled_entry_slower_than_tier0_is_dropped(fake_tiered, eager_llm, prompts, reference, monkeypatch):
+    """V8 drops optimised code that does not pay: a compiled entry measured slower than tier 0 on its own key goes
+    back to tier 0 for good, with the reason counted."""
+    monkeypatch.setattr(tiering, "JUDGE_AFTER", 4)
+
+    def slow_compiler(fn):
+        def compiled(*args, **kwargs):
+            time.sleep(0.05)  # far slower than an eager step of the tiny model
+            return fn(*args, **kwargs)
+
+        return compiled
+
+    tf = fake_tiered(slow_compiler)
+    for _ in range(6):
+        assert _gen(eager_llm, prompts) == reference["tokens"]
+        assert tf.wait_idle(30)
+        if tf.entries[KEY].state == "never":
+            break
+    entry = tf.entries[KEY]
+    assert entry.state == "never" and entry.compiled is None and entry.failures == 0
+    assert tf.deopts["slower than tier 0"] == 1
+    assert entry.compiled_ms > entry.eager_ms
+    tier1 = tf.tier_calls["1"]
+    assert _gen(eager_llm, prompts) == reference["tokens"]
+    assert tf.tier_calls["1"] == tier1, "a dropped entry must not run again"
 
 
 # -- serving never blocks on compilation -------------------------------------------------------------------------
