@@ -75,3 +75,23 @@ def test_rows_are_independent():
 def test_bad_input_is_refused():
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.turbofan.rms_norm(torch.randn(2, 8).double(), torch.randn(8).double(), 1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qkv_rope_equals_split_norm_rotate(isa, qk_norm):
+    torch.manual_seed(6)
+    t, h, kvh, d = 5, 4, 2, 32
+    qkv = torch.randn(t, (h + 2 * kvh) * d)
+    ang = torch.randn(t, 1, d // 2)
+    cos, sin = ang.cos(), ang.sin()
+    qn, kn = (torch.randn(d), torch.randn(d)) if qk_norm else (None, None)
+    with kernels.forced_isa(isa):
+        q, k, v = torch.ops.turbofan.qkv_rope(qkv, cos, sin, h, kvh, qn, kn, 1e-6)
+    rq, rk, rv = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    rq, rk, rv = rq.reshape(t, h, d), rk.reshape(t, kvh, d), rv.reshape(t, kvh, d)
+    if qk_norm:
+        rq, rk = layers.rms_norm(rq, qn, 1e-6), layers.rms_norm(rk, kn, 1e-6)
+    torch.testing.assert_close(q, layers.rotate(rq, cos, sin), **TOL)
+    torch.testing.assert_close(k, layers.rotate(rk, cos, sin), **TOL)
+    assert torch.equal(v, rv)

@@ -35,3 +35,10 @@ def _rope_fake(x, cos, sin):
 @torch.library.register_fake("turbofan::gated_act")
 def _gated_act_fake(gate_up, gelu):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.register_fake("turbofan::qkv_rope")
+def _qkv_rope_fake(qkv, cos, sin, heads, kv_heads, q_norm, k_norm, eps):
+    t = qkv.shape[0]
+    d = qkv.shape[1] // (heads + 2 * kv_heads)
+    return qkv.new_empty((t, heads, d)), qkv.new_empty((t, kv_heads, d)), qkv.new_empty((t, kv_heads, d))

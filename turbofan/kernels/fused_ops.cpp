@@ -87,6 +87,48 @@ at::Tensor gated_act(const at::Tensor& gu_in, bool gelu) {
   return y;
 }
 
+// The attention inputs from a fused q/k/v projection in one call: split qkv [T, (H + 2 KVH) D] into heads, apply
+// the optional per-head q/k RMSNorm (Qwen3, Gemma 3), rotate q and k. Returns contiguous q [T, H, D], k and v
+// [T, KVH, D]. Replaces a split, three reshapes, two norms and two rotations per layer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv_in, const at::Tensor& cos_in,
+                                                       const at::Tensor& sin_in, int64_t heads, int64_t kv_heads,
+                                                       const c10::optional<at::Tensor>& q_norm,
+                                                       const c10::optional<at::Tensor>& k_norm, double eps) {
+  TORCH_CHECK(qkv_in.dim() == 2 && qkv_in.scalar_type() == at::kFloat, "qkv_rope: qkv must be float32 [T, N]");
+  const at::Tensor qkv = qkv_in.contiguous();
+  const int64_t t = qkv.size(0), d = qkv.size(1) / (heads + 2 * kv_heads), half = d / 2;
+  TORCH_CHECK(d * (heads + 2 * kv_heads) == qkv.size(1) && d % 2 == 0, "qkv_rope: width does not split into heads");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "qkv_rope: pass both q and k norms or neither");
+  const at::Tensor c = cos_in.reshape({t, half}).contiguous(), s = sin_in.reshape({t, half}).contiguous();
+  at::Tensor q = at::empty({t, heads, d}, qkv.options()), k = at::empty({t, kv_heads, d}, qkv.options());
+  at::Tensor v = qkv.narrow(1, (heads + kv_heads) * d, kv_heads * d).reshape({t, kv_heads, d}).clone();
+  const float *xp = qkv.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  const int64_t stride = qkv.size(1);
+  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
+  auto rope_fn = TF_FUSED(rope_rows);
+  if (!q_norm.has_value()) {
+    at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
+      rope_fn(xp, stride, cp, sp, qp, r0, r1, heads, d);
+      rope_fn(xp + heads * d, stride, cp, sp, kp, r0, r1, kv_heads, d);
+    });
+    return {q, k, v};
+  }
+  TORCH_CHECK(q_norm->numel() == d && k_norm->numel() == d, "qkv_rope: q/k norms must have head_dim weights");
+  const at::Tensor qn = q_norm->to(at::kFloat).contiguous(), kn = k_norm->to(at::kFloat).contiguous();
+  auto norm_fn = TF_FUSED(rms_norm_rows);
+  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf((heads + kv_heads) * d);
+    for (int64_t r = r0; r < r1; ++r) {  // normalise each head into buf, then rotate from there
+      const float* row = xp + r * stride;
+      norm_fn(row, qn.data_ptr<float>(), buf.data(), 0, heads, d, static_cast<float>(eps));
+      norm_fn(row + heads * d, kn.data_ptr<float>(), buf.data() + heads * d, 0, kv_heads, d, static_cast<float>(eps));
+      rope_fn(buf.data(), 0, cp + r * half, sp + r * half, qp + r * heads * d, 0, 1, heads, d);
+      rope_fn(buf.data() + heads * d, 0, cp + r * half, sp + r * half, kp + r * kv_heads * d, 0, 1, kv_heads, d);
+    }
+  });
+  return {q, k, v};
+}
+
 #undef TF_FUSED
 
 }  // namespace turbofan::fused
@@ -96,10 +138,13 @@ TORCH_LIBRARY_FRAGMENT(turbofan, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("gated_act(Tensor gate_up, bool gelu) -> Tensor");
+  m.def("qkv_rope(Tensor qkv, Tensor cos, Tensor sin, int heads, int kv_heads, Tensor? q_norm, Tensor? k_norm, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(turbofan, CPU, m) {
   m.impl("rms_norm", &turbofan::fused::rms_norm);
   m.impl("add_rms_norm", &turbofan::fused::add_rms_norm);
   m.impl("rope", &turbofan::fused::rope);
   m.impl("gated_act", &turbofan::fused::gated_act);
+  m.impl("qkv_rope", &turbofan::fused::qkv_rope);
 }

@@ -97,14 +97,19 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, eps, fused)
         qkv = linear(h, self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, a.num_heads, a.head_dim)
-        k = k.reshape(t, a.num_kv_heads, a.head_dim)
-        v = v.reshape(t, a.num_kv_heads, a.head_dim)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, eps, fused)
-            k = rms_norm(k, self.k_norm, eps, fused)
-        q, k = rotate(q, cos, sin, fused), rotate(k, cos, sin, fused)
+        if fused:  # split, per-head q/k norms and rotary in one op
+            q, k, v = torch.ops.turbofan.qkv_rope(
+                qkv, cos, sin, a.num_heads, a.num_kv_heads, self.q_norm, self.k_norm, eps
+            )
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.reshape(t, a.num_heads, a.head_dim)
+            k = k.reshape(t, a.num_kv_heads, a.head_dim)
+            v = v.reshape(t, a.num_kv_heads, a.head_dim)
+            if self.q_norm is not None:
+                q = rms_norm(q, self.q_norm, eps)
+                k = rms_norm(k, self.k_norm, eps)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, a.scale, self.window)
         o = linear(o.reshape(t, self.q_size), self.o_weight)
         if self.post_attn_norm is not None:
