@@ -38,11 +38,11 @@ def profile_batch(engine, batch: int, steps: int, top: int) -> str:
     while engine.has_unfinished_requests():
         engine.step()
     events = prof.key_averages()
-    # Wall time of the profiled steps (self times of the top-level ops sum to it, on the calling thread).
+    # Operator self times are in microseconds, on the calling thread.
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
     lines = [
-        f"### batch {batch}: {step_s * 1e3:.2f} ms/step, {batch / step_s:.0f} tok/s; matmuls {matmul / wall:.0%} of "
+        f"### batch {batch}: {step_s * 1e3:.2f} ms/step, {batch / step_s:.0f} tok/s; matmuls {matmul / 1e6 / wall:.0%} of "
         f"the profiled steps' wall time ({matmul / total:.0%} of operator time)",
         "| op | share | calls/step |",
         "| --- | --- | --- |",
