@@ -528,3 +528,114 @@ def test_invariance_checks_catch_a_leak(make_llm, prompts, one_at_a_time):
     _leak_batch_mates(chunked, 1e-3)  # a thousandth: still ten times FLOAT_ATOL in the logprobs
     with pytest.raises(AssertionError, match="position"):
         _assert_request_outputs_close(chunked.generate(batch, PROMPT_LP, use_tqdm=False), want)
+
+
+# -- 6. the lean step: deltas, incremental state ----------------------------------------------------------------------
+def test_deltas_carry_each_token_once_and_fold_into_the_output(make_llm, prompts):
+    """Streaming deltas (n=2, sampled, logprobs, a stop string) concatenate to exactly what generate() returns."""
+    params = SamplingParams(n=2, temperature=TEMP, seed=3, max_tokens=12, logprobs=1, ignore_eos=True, stop=["zz"])
+    llm = make_llm()
+    want = llm.generate([prompts[9]], params, use_tqdm=False)[0]
+    engine = llm.engine
+    engine.add_request("d", prompts[9], params)
+    seen: dict[int, list] = {0: [], 1: []}
+    texts: dict[int, str] = {0: "", 1: ""}
+    finished = 0
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            for c in delta.outputs:
+                assert len(c.token_ids) <= 1, "a step adds one token per sequence"
+                assert len(c.logprobs) == len(c.token_ids)
+                seen[c.index] += c.token_ids
+                texts[c.index] += c.text
+                finished += c.finished
+    assert finished == 2
+    for c in want.outputs:
+        assert seen[c.index] == c.token_ids and texts[c.index] == c.text and len(c.logprobs) == 12
+
+
+def test_penalty_history_is_kept_across_steps_and_preemption(make_llm, prompts):
+    """The InputBatch appends each token to a penalised slot's history; at every step the processed logits equal
+    transformers' repetition penalty over the window of prompt + outputs, and OpenAI's penalties over outputs."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    seen: list = []
+
+    def capture(output_ids, row):
+        seen.append((list(output_ids), row.clone()))
+        return row
+
+    raw: list = []
+    llm = make_llm(num_kv_blocks=8)  # tight: the batch below is preempted and recomputed
+    forward = llm.engine.runner.forward_fn
+
+    def keep_raw(batch):
+        logits = forward(batch)
+        raw.append(logits.clone())
+        return logits
+
+    llm.engine.runner.forward_fn = keep_raw
+    prompt = prompts[10]
+    for window in (-1, 5):
+        seen.clear()
+        raw.clear()
+        p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.7,
+                           repeat_last_n=window, presence_penalty=0.3, frequency_penalty=0.2,
+                           logits_processors=[capture])  # fmt: skip
+        out = llm.generate([prompt], p, use_tqdm=False)[0].outputs[0]
+        assert len(seen) == 20 == len(raw)
+        for (outputs, row), logits in zip(seen, raw):
+            context = prompt + outputs
+            ids = torch.tensor([context if window < 0 else context[-window:]])
+            want = RepetitionPenaltyLogitsProcessor(1.7)(ids, logits[-1:].clone())[0]
+            counts = torch.bincount(torch.tensor(outputs, dtype=torch.long), minlength=want.shape[0]).float()
+            want = want - 0.2 * counts - 0.3 * (counts > 0).float()
+            torch.testing.assert_close(row, want, atol=1e-5, rtol=0)
+        assert seen[-1][0] == out.token_ids[:-1]
+    # the same requests in a batch that is preempted: the histories survive the recompute
+    batch = [prompts[10], prompts[11], prompts[12]]
+    p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.7, repeat_last_n=5)
+    alone = [llm.generate([q], p, use_tqdm=False)[0].outputs[0] for q in batch]
+    llm.engine.runner.forward_fn = forward
+    together = llm.generate(batch, p, use_tqdm=False)
+    assert llm.engine.stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in together] == [a.token_ids for a in alone]
+
+
+def test_prefix_cache_hashes_each_full_block_once(make_llm, prompts, monkeypatch):
+    """commit() hashes only blocks that became full: a 40-token prompt plus 48 decoded tokens in blocks of 4 hash
+    22 blocks in all, not the whole chain again at every step."""
+    import turbofan.engine.block_manager as bm
+
+    calls = []
+
+    def counting_hash(value):
+        calls.append(1)
+        return hash(value)
+
+    llm = make_llm(block_size=4)
+    monkeypatch.setattr(bm, "hash", counting_hash, raising=False)
+    llm.generate([prompts[13]], _greedy(48), use_tqdm=False)
+    assert len(prompts[13]) == 40
+    assert len(calls) == (40 + 48 - 1) // 4, len(calls)  # the last token's KV is never written
+
+
+def test_logit_bias_equals_the_same_bias_as_a_logits_processor(make_llm, prompts):
+    """SamplingParams.logit_bias (one scatter_add for the batch) acts exactly like a per-row processor."""
+    import torch
+
+    llm = make_llm()
+    first = llm.generate(prompts[:4], _greedy(8), use_tqdm=False)
+    banned = {o.outputs[0].token_ids[0]: -100.0 for o in first} | {3: 5.0}
+
+    def processor(_ids, row):
+        return row.index_add(0, torch.tensor(list(banned)), torch.tensor(list(banned.values())))
+
+    base = dict(temperature=0, max_tokens=8, ignore_eos=True)
+    by_field = llm.generate(prompts[:4], SamplingParams(**base, logit_bias=banned), use_tqdm=False)
+    by_proc = llm.generate(prompts[:4], SamplingParams(**base, logits_processors=[processor]), use_tqdm=False)
+    assert _tokens(by_field) == _tokens(by_proc)
+    assert all(t not in banned or banned[t] > 0 for toks in _tokens(by_field) for t in toks[:1])
+    with pytest.raises(ValueError, match="logit_bias token id"):
+        llm.generate(prompts[:1], SamplingParams(logit_bias={10**6: 1.0}), use_tqdm=False)

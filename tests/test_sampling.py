@@ -104,6 +104,12 @@ def test_temperature_sharpens_and_flattens():
         (SamplingParams(temperature=1.0, min_p=0.5), [0, 1]),  # floor 0.2
         (SamplingParams(temperature=1.0, min_p=0.2), [0, 1, 2, 3]),  # floor 0.08
         (SamplingParams(temperature=1.0, top_k=3, min_p=0.5), [0, 1]),
+        # top-p inside top-k: the nucleus of the renormalised top k (0.4, 0.3, 0.15 -> 0.47, 0.35, 0.18)
+        (SamplingParams(temperature=1.0, top_k=3, top_p=0.5), [0, 1]),
+        (SamplingParams(temperature=1.0, top_k=3, top_p=0.9), [0, 1, 2]),
+        (SamplingParams(temperature=1.0, top_k=4, top_p=0.6), [0, 1]),
+        (SamplingParams(temperature=1.0, top_k=2, top_p=0.99, min_p=0.7), [0, 1]),  # floor 0.7 * 0.57
+        (SamplingParams(temperature=1.0, top_k=2, top_p=0.99, min_p=0.8), [0]),
     ],
     ids=lambda v: repr(v) if isinstance(v, list) else "",
 )
@@ -127,6 +133,90 @@ def test_each_row_gets_its_own_filters():
     assert set(out[0::3]) == {0}
     assert set(out[1::3]) == {0, 1}
     assert set(out[2::3]) == {0, 1, 2, 3, 4}
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> set[int]:
+    """The reference: a full sort (what the sampler avoids)."""
+    probs, order = logits.softmax(-1).sort(descending=True)
+    keep = (probs.cumsum(-1) - probs) <= top_p
+    return set(order[keep].tolist())
+
+
+def test_top_p_alone_widens_until_the_nucleus_fits():
+    """A top-p-only row starts from its best 128 candidates; a flat distribution needs thousands, found exactly."""
+    g = torch.Generator().manual_seed(11)
+    vocab = 6000
+    flat = torch.randn(vocab, generator=g) * 0.3  # nucleus of 0.9: thousands of tokens
+    peaked = torch.randn(vocab, generator=g) * 4.0  # nucleus of 0.9: a handful
+    for row, top_p in ((flat, 0.9), (peaked, 0.9), (flat, 0.3)):
+        want = _nucleus(row, top_p)
+        torch.manual_seed(0)
+        got = sample(row.expand(3000, -1), [SamplingParams(temperature=1.0, top_p=top_p)] * 3000).tokens
+        assert set(got) <= want, "a token outside the nucleus was drawn"
+        if len(want) < 50:
+            assert set(got) == want
+        else:
+            assert len(set(got)) > min(len(want), 3000) * 0.3
+    assert len(_nucleus(flat, 0.9)) > 128 * 16, "the flat row must need more than one widening"
+
+
+def test_truncation_of_a_row_never_depends_on_its_mates_widths():
+    """A seeded row's draws are the same whatever width its batch mates make the shared top-k (exactly)."""
+    g = torch.Generator().manual_seed(12)
+    vocab = 3000
+    target = torch.randn(1, vocab, generator=g)
+    cases = [
+        SamplingParams(temperature=0.7, top_p=0.8, seed=5),  # top-p only
+        SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=6),  # Ollama's defaults
+        SamplingParams(temperature=0.7, top_k=40, seed=7),
+        SamplingParams(temperature=0.7, min_p=0.05, seed=8),  # the full-vocabulary path
+        SamplingParams(temperature=0.7, seed=9),
+    ]
+    mates = [
+        [],
+        [SamplingParams(temperature=1.0, top_k=2500)],  # a much wider top-k for the whole group
+        [SamplingParams(temperature=1.0, top_p=0.999), SamplingParams(temperature=0)],  # widening, and greedy
+        [SamplingParams(temperature=1.0)],
+    ]
+    for p in cases:
+        runs = []
+        for extra in mates:
+            seq = make_seqs([p])[0]
+            others = make_seqs(extra)
+            logits = torch.cat([target, torch.randn(len(extra), vocab, generator=g)])
+            runs.append([sample_seqs(logits, [seq, *others]).tokens[0] for _ in range(30)])
+        assert all(r == runs[0] for r in runs), p
+        assert len(set(runs[0])) > 3, "the draw should be random"
+
+
+def test_logit_bias_bans_and_forces_in_one_batched_op():
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(6, 50, generator=g)
+    top = logits.argmax(-1)
+    params = [
+        SamplingParams(temperature=0, logit_bias={int(top[0]): -100}),  # banned: the runner-up wins
+        SamplingParams(temperature=0, logit_bias={7: 100}),  # forced
+        SamplingParams(temperature=0),  # no bias: untouched by its mates' biases
+        SamplingParams(temperature=1.0, seed=1, logit_bias={9: 100, 3: -100}),
+        SamplingParams(temperature=1.0, seed=2, logit_bias={str(k): -100 for k in range(49)}),  # only 49 left
+        SamplingParams(temperature=0, logit_bias={5: 1e6}),  # clamped to +100 (still wins)
+    ]
+    out = sample(logits, params).tokens
+    assert out[0] == int(logits[0].topk(2).indices[1])
+    assert out[1] == 7 and out[2] == int(top[2]) and out[3] == 9 and out[4] == 49 and out[5] == 5
+    assert params[5].logit_bias == {5: 100.0} and params[4].logit_bias[0] == -100.0
+
+
+def test_greedy_rows_pay_only_for_the_argmax(monkeypatch):
+    """A batch of greedy rows never reaches the random path (no uniforms drawn, no top-k)."""
+    import turbofan.engine.sampler as sampler_module
+
+    def boom(*a, **k):
+        raise AssertionError("the random path ran for greedy rows")
+
+    monkeypatch.setattr(sampler_module, "_uniforms", boom)
+    logits = torch.randn(8, 100)
+    assert sample(logits, [SamplingParams(temperature=0, top_k=5, top_p=0.5)] * 8).tokens == logits.argmax(-1).tolist()
 
 
 # -- penalties (captured with a logits processor: they run after penalties and min_tokens masking) ---------------

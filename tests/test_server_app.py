@@ -130,3 +130,101 @@ def test_json_log_lines_carry_extra_fields():
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "request finished" and line["request_id"] == "r1" and line["output_tokens"] == 7
     assert line["level"] == "info" and line["logger"] == "turbofan.requests" and "ts" in line
+
+
+# -- the server reaches an engine only through EngineClient --------------------------------------------------------
+class FakeClient:
+    """A whole engine as the server sees it: deltas out, nothing else (no runner, scheduler or container)."""
+
+    WORDS = ["Hello", ",", " world", "!"]
+
+    def __init__(self, tokenizer):
+        from turbofan.engine import ModelInfo
+
+        self.tokenizer = tokenizer
+        self.info = ModelInfo(
+            name="fake", root="fake-root", path="/nowhere", max_model_len=64, vocab_size=tokenizer.vocab_size,
+            eos_token_ids=(0,), device="cpu", dtype="float32", architecture="Fake", quantization="float32",
+            weights_bytes=1000, kv_cache_bytes=24,
+        )  # fmt: skip
+        self.aborted: list[str] = []
+        self.started = self.stopped = False
+
+    async def start(self):
+        self.started = True
+
+    async def stop(self):
+        self.stopped = True
+
+    dead = None
+    num_in_flight = 0
+
+    async def generate(self, prompt, params, request_id):
+        import time
+
+        from turbofan.engine import CompletionDelta, RequestDelta, RequestMetrics
+
+        metrics = RequestMetrics(arrival_time=time.time())
+        try:
+            for i, word in enumerate(self.WORDS):
+                last = i == len(self.WORDS) - 1
+                outputs = [CompletionDelta(0, word, [10 + i], finish_reason="stop" if last else None)]
+                yield RequestDelta(request_id, outputs, last, None, list(prompt), metrics)
+        except GeneratorExit:
+            self.aborted.append(request_id)
+            raise
+
+    def beam_search(self, prompt, params, request_id):
+        raise NotImplementedError
+
+    async def abort(self, request_id):
+        self.aborted.append(request_id)
+
+    def stats(self):
+        from turbofan.engine import EngineStats
+
+        return EngineStats(0, 0, 0.0, 1, 1, 0.0, 0, 0, 0, 0, 0, 0)
+
+    def tiers(self):
+        return {"tiering": "off", "tiers": []}
+
+    def profile_table(self):
+        return None
+
+
+def test_any_engine_client_serves_both_apis(tiny_models):
+    """create_app takes an EngineClient; both APIs, streaming or not, work from its deltas alone."""
+    import json
+
+    from turbofan.engine import EngineClient
+    from turbofan.model.tokenizer import Tokenizer
+
+    EngineClient.register(FakeClient)
+    fake = FakeClient(Tokenizer(tiny_models["llama"]))
+    with TestClient(create_app(fake, ServerSettings(debug_endpoints=True))) as client:
+        assert fake.started
+        models = client.get("/v1/models").json()["data"]
+        assert models[0]["id"] == "fake" and models[0]["root"] == "fake-root" and models[0]["max_model_len"] == 64
+        body = {"model": "fake", "prompt": "hi", "max_tokens": 8}
+        r = client.post("/v1/completions", json=body).json()
+        assert r["choices"][0]["text"] == "Hello, world!" and r["choices"][0]["finish_reason"] == "stop"
+        assert r["usage"]["completion_tokens"] == 4
+        with client.stream("POST", "/v1/chat/completions", json={
+            "model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "stream_options": {"include_usage": True},
+        }) as s:  # fmt: skip
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        pieces = [c["delta"].get("content", "") for e in events for c in e["choices"]]
+        assert "".join(pieces) == "Hello, world!" and pieces[1:5] == FakeClient.WORDS
+        assert events[-1]["usage"]["completion_tokens"] == 4
+        with client.stream("POST", "/api/generate", json={"model": "fake", "prompt": "hi"}) as s:
+            lines = [json.loads(line) for line in s.iter_lines() if line]
+        assert [x["response"] for x in lines[:-1]] == FakeClient.WORDS
+        assert lines[-1]["done"] and lines[-1]["eval_count"] == 4 and lines[-1]["context"][-4:] == [10, 11, 12, 13]
+        r = client.post("/api/chat", json={"model": "fake", "messages": [{"role": "user", "content": "x"}],
+                                           "stream": False}).json()  # fmt: skip
+        assert r["message"]["content"] == "Hello, world!" and r["done_reason"] == "stop"
+        assert client.get("/debug/engine").json()["in_flight"] == 0
+        assert client.get("/debug/tiers").json()["tiering"] == "off"
+        assert "vllm:request_success_total" in client.get("/metrics").text
+    assert fake.stopped

@@ -3,12 +3,13 @@
 Order (as in vLLM): penalties → min_tokens masking → logit bias → logits processors → then greedy rows take the
 argmax, and the others go temperature → top-k → top-p → min-p → sample. Greedy rows pay for nothing else.
 
-Top-p is computed inside the top-k candidates (one `topk`, never a full-vocabulary sort): a row with top_k keeps
-its k best, renormalised; a row with only top_p starts from its 128 best and widens (x16) until they hold top_p of
-its mass, so its nucleus is found exactly and identically whatever the width. The draw inverts the kept
-distribution's CDF with one uniform per row; a seeded row draws it from its own generator, so its tokens never
-depend on its batch mates or on which path its mates took. Logprobs are of the raw model distribution (vLLM's
-default), computed only for the rows that ask.
+Top-p is computed inside the top-k candidates (one `topk` of the raw logits, never a full-vocabulary sort; the
+temperature scales only the candidates): a row with top_k keeps its k best, renormalised; a row with only top_p
+starts from its 128 best and widens (x16) until they hold top_p of its mass, so its nucleus is found exactly and
+identically whatever the width. A row without either samples the whole vocabulary through a two-level CDF (block
+sums, then one block). Every draw inverts the kept distribution's CDF with one uniform per row; a seeded row draws
+it from its own generator, so its tokens never depend on its batch mates or on which path its mates took. Logprobs
+are of the raw model distribution (vLLM's default), computed only for the rows that ask.
 """
 
 from __future__ import annotations
@@ -117,20 +118,20 @@ class Sampler:
 
     # -- the random rows ------------------------------------------------------------------------------------------
     def _random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Tokens for rows that sample (all of `logits`, which this may overwrite)."""
         vocab = logits.shape[-1]
-        x = logits / batch.temperature[:, None].to(logits.dtype)
         u = _uniforms(batch.generators)
-        top_k, top_p, min_p = batch.top_k.clamp(max=vocab), batch.top_p, batch.min_p
+        temp, top_k, top_p, min_p = batch.temperature, batch.top_k.clamp(max=vocab), batch.top_p, batch.min_p
         truncated = (top_k < vocab) | (top_p < 1)
         if bool(truncated.all()):
-            return _sample_truncated(x, top_k, top_p, min_p, u)
+            return _sample_truncated(logits, temp, top_k, top_p, min_p, u)
         if not bool(truncated.any()):
-            return _sample_full(x, min_p, u)
-        tokens = torch.empty(x.shape[0], dtype=torch.long)
+            return _sample_full(logits, temp, min_p, u)
+        tokens = torch.empty(logits.shape[0], dtype=torch.long)
         t = truncated.nonzero()[:, 0]
         f = (~truncated).nonzero()[:, 0]
-        tokens[t] = _sample_truncated(x[t], top_k[t], top_p[t], min_p[t], u[t])
-        tokens[f] = _sample_full(x[f], min_p[f], u[f])
+        tokens[t] = _sample_truncated(logits[t], temp[t], top_k[t], top_p[t], min_p[t], u[t])
+        tokens[f] = _sample_full(logits[f], temp[f], min_p[f], u[f])
         return tokens
 
 
@@ -158,33 +159,65 @@ def _uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
     return u
 
 
-def _invert(probs: torch.Tensor, u: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """Column of each row's CDF (over the unnormalised `probs`) where u * total falls; `last` caps it at the row's
-    last kept column (u * total may round up to the total)."""
+def _last_positive(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last entry > 0."""
+    return x.shape[-1] - 1 - (x > 0).flip(-1).to(torch.uint8).argmax(-1)
+
+
+def _invert(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Column where u * total falls in each row's CDF over the unnormalised, non-negative `probs` (never a column
+    of probability 0, even where u * total rounds up to the total)."""
     cdf = probs.cumsum(-1, dtype=torch.float64)
-    target = (u * cdf[:, -1])[:, None]
-    col = torch.searchsorted(cdf, target, right=True)[:, 0]
-    return col.clamp(max=probs.shape[-1] - 1) if last is None else torch.minimum(col, last)
+    col = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return torch.minimum(col, _last_positive(probs))
+
+
+BLOCK = 256
+
+
+def _invert_blocks(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """_invert for a whole vocabulary in two levels (per-block sums, then one block's CDF): a vectorised sum
+    instead of a sequential scan over the vocabulary."""
+    m, v = probs.shape
+    nb = -(-v // BLOCK)
+    if nb * BLOCK != v:
+        probs = torch.nn.functional.pad(probs, (0, nb * BLOCK - v))
+    blocks = probs.view(m, nb, BLOCK)
+    sums = blocks.sum(-1, dtype=torch.float64)
+    cdf = sums.cumsum(-1)
+    target = u * cdf[:, -1]
+    b = torch.minimum(torch.searchsorted(cdf, target[:, None], right=True)[:, 0], _last_positive(sums))
+    before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    inner = blocks[torch.arange(m), b]
+    icdf = inner.cumsum(-1, dtype=torch.float64)
+    j = torch.searchsorted(icdf, (target - before)[:, None], right=True)[:, 0]
+    return b * BLOCK + torch.minimum(j, _last_positive(inner))
 
 
 def _sample_truncated(
-    x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor
-) -> torch.Tensor:
-    vocab = x.shape[-1]
+    logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+    u: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """Rows with top-k and/or top-p: only their best candidates are ever looked at past one `topk`."""
+    vocab = logits.shape[-1]
     has_k = top_k < vocab
     p_only = ~has_k & (top_p < 1)
+    any_p_only = bool(p_only.any())
     width = int(top_k[has_k].max()) if bool(has_k.any()) else 0
-    if bool(p_only.any()):
+    inv_t = (1.0 / temp)[:, None].to(logits.dtype)
+    if any_p_only:  # a top-p-only row measures its nucleus against its whole distribution
         width = max(width, P_ONLY_FIRST_WIDTH)
-        full_lse = x.logsumexp(-1)  # a top-p-only row measures its nucleus against the whole distribution
+        rows = p_only.nonzero()[:, 0]
+        full_lse = torch.zeros(logits.shape[0], dtype=logits.dtype)
+        full_lse[rows] = (logits[rows] * inv_t[rows]).logsumexp(-1)
     while True:
         width = min(width, vocab)
-        vals, ids = x.topk(width, dim=-1)
-        col = torch.arange(width)
-        in_k = col[None, :] < torch.where(has_k, top_k, width)[:, None]
+        vals, ids = logits.topk(width, dim=-1)  # temperature keeps the order: scale only the candidates
+        vals = vals * inv_t
+        in_k = torch.arange(width)[None, :] < torch.where(has_k, top_k, width)[:, None]
         vals = vals.masked_fill(~in_k, float("-inf"))
         lse = vals.logsumexp(-1)
-        if bool(p_only.any()):
+        if any_p_only:
             lse = torch.where(p_only, full_lse, lse)
         probs = (vals - lse[:, None]).exp()
         cum = probs.cumsum(-1)
@@ -195,20 +228,16 @@ def _sample_truncated(
     keep = in_k & (((cum - probs) <= top_p[:, None]) | (top_p >= 1)[:, None])  # always keeps the top token
     if bool((min_p > 0).any()):
         keep &= probs >= probs[:, :1] * min_p[:, None]
-    probs = probs.masked_fill(~keep, 0.0)
-    col = _invert(probs, u, keep.sum(-1) - 1)  # kept candidates are a prefix of the sorted ones
+    col = _invert(probs.masked_fill(~keep, 0.0), u)
     return ids.gather(1, col[:, None])[:, 0]
 
 
-def _sample_full(x: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    probs = x.softmax(-1)
-    last = None
+def _sample_full(logits: torch.Tensor, temp: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rows sampling from the whole vocabulary (temperature, maybe min-p): softmax, then a two-level inversion."""
+    probs = logits.div_(temp[:, None].to(logits.dtype)).softmax(-1)
     if bool((min_p > 0).any()):
-        keep = probs >= probs.max(-1, keepdim=True).values * min_p[:, None]
-        probs = probs.masked_fill(~keep, 0.0)
-        vocab = probs.shape[-1]
-        last = vocab - 1 - keep.flip(-1).to(torch.uint8).argmax(-1)
-    return _invert(probs, u, last)
+        probs.masked_fill_(probs < probs.amax(-1, keepdim=True) * min_p[:, None], 0.0)
+    return _invert_blocks(probs, u)
 
 
 def top_logprobs_dict(
