@@ -11,7 +11,9 @@ import torch
 
 from turbofan import kernels
 
-SUPPORTED_DTYPES = (torch.float32,)  # the cache dtype today; a bf16/fp16 cache is a later step
+# KV-cache dtypes the kernel reads: float32, and float16 (rounded on write, widened to float32 on read; q/k/v
+# and all arithmetic stay float32).
+SUPPORTED_DTYPES = (torch.float32, torch.float16)
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -23,7 +25,7 @@ def paged_attention_varlen(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D]: this step's keys, written to k_cache[slot_mapping] first
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [slots, KVH, D], contiguous, written in place
+    k_cache: torch.Tensor,  # [slots, KVH, D], contiguous, float32 or float16, written in place
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64
     block_tables: torch.Tensor,  # [B, W] int64: cache block of each sequence's logical block

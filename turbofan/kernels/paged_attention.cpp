@@ -24,6 +24,17 @@
 //                FMA speed with K/V elements broadcast straight from the cache.
 // The ISA level is turbofan::g_isa (set from Python); the AVX paths need head_dim % 16 (AVX-512) or % 8 (AVX2)
 // and otherwise drop to the next level that fits.
+//
+// KV cache dtype: float32 or float16 (k_cache and v_cache alike; q/k/v and the output are always float32). A
+// float16 cache halves the bytes a decode step reads. This step's k/v are rounded to float16 (to nearest even,
+// as torch's .half()) when written into their slots, and cache rows are widened to float32 as they are read, so
+// all arithmetic stays float32 and a float16 cache gives exactly what a float32 cache holding the rounded values
+// gives (the same operations in the same order). The inner kernels are templates on the cache element type:
+// their float instantiation is the float32 path, unchanged; the at::Half one loads K/V through vcvtph2ps (F16C
+// / AVX-512F) where the float one loads directly. Where widening on every load does not pay (the AVX2 lanes
+// form, which broadcasts single elements; the scalar path, c10::Half -> float per element) each chunk's rows
+// are widened once into per-thread staging buffers [nc][D] and the float kernels run on those.
+#include <cpuid.h>
 #include <atomic>
 #include <limits>
 
@@ -31,7 +42,7 @@ namespace turbofan {
 namespace attn {
 
 #define TF_ATTN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define TF_ATTN_AVX2 __attribute__((target("avx2,fma")))
+#define TF_ATTN_AVX2 __attribute__((target("avx2,fma,f16c")))  // (f16c: float16 cache rows; no float32 code uses it)
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kMaxRows = 64;       // query rows per tile (row form)
@@ -48,13 +59,29 @@ struct Chunk {
   float* alpha;     // this chunk's rescale factor per row / lane
   const int32_t* lo;  // first visible key position per row / lane
   const int32_t* hi;  // last visible key position per row / lane
-  const float* const* kp;  // key j's row in the cache
+  const float* const* kp;  // key j's row in the cache (float16 cache: its float32 copy in the staging buffer)
   const float* const* vp;
+  const at::Half* const* kh;  // float16 cache read in place (the at::Half kernels): key j's row in the cache
+  const at::Half* const* vh;
   int M, Mp, D, nc, n, p0;
   bool masked;  // some key in this chunk is outside some row's [lo, hi]
 };
 
 using ChunkFn = void (*)(const Chunk&);
+
+// The rows a kernel instantiated on T reads: float32 rows (kp/vp), or float16 rows widened on load (kh/vh).
+template <typename T>
+static inline const T* const* key_rows(const Chunk& c);
+template <>
+inline const float* const* key_rows<float>(const Chunk& c) { return c.kp; }
+template <>
+inline const at::Half* const* key_rows<at::Half>(const Chunk& c) { return c.kh; }
+template <typename T>
+static inline const T* const* value_rows(const Chunk& c);
+template <>
+inline const float* const* value_rows<float>(const Chunk& c) { return c.vp; }
+template <>
+inline const at::Half* const* value_rows<at::Half>(const Chunk& c) { return c.vh; }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Scalar (and the reference for the vector paths' structure)
@@ -138,7 +165,12 @@ TF_ATTN_AVX512 static inline __m128 hsum4_avx512(__m512 a, __m512 b, __m512 c, _
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-template <int R, int NV>
+TF_ATTN_AVX512 static inline __m512 load_avx512(const float* p) { return _mm512_loadu_ps(p); }
+TF_ATTN_AVX512 static inline __m512 load_avx512(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int R, int NV, typename T>
 TF_ATTN_AVX512 static inline void row_pv_avx512(const Chunk& c, int r0, int d0) {
   __m512 acc[R][NV];
 #pragma GCC unroll 4
@@ -149,10 +181,10 @@ TF_ATTN_AVX512 static inline void row_pv_avx512(const Chunk& c, int r0, int d0) 
       acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 16 * v), a);
   }
   for (int j = 0; j < c.n; ++j) {
-    const float* vr = c.vp[j] + d0;
+    const T* vr = value_rows<T>(c)[j] + d0;
     __m512 vv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_ps(vr + 16 * v);
+    for (int v = 0; v < NV; ++v) vv[v] = load_avx512(vr + 16 * v);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m512 p = _mm512_set1_ps(c.s[static_cast<size_t>(r0 + r) * c.nc + j]);
@@ -166,34 +198,36 @@ TF_ATTN_AVX512 static inline void row_pv_avx512(const Chunk& c, int r0, int d0) 
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 16 * v, acc[r][v]);
 }
 
-template <int R>
+template <int R, typename T>
 TF_ATTN_AVX512 static inline void row_pv_rows_avx512(const Chunk& c, int r0) {
   int d0 = 0;
-  for (; d0 + 64 <= c.D; d0 += 64) row_pv_avx512<R, 4>(c, r0, d0);
-  for (; d0 < c.D; d0 += 16) row_pv_avx512<R, 1>(c, r0, d0);
+  for (; d0 + 64 <= c.D; d0 += 64) row_pv_avx512<R, 4, T>(c, r0, d0);
+  for (; d0 < c.D; d0 += 16) row_pv_avx512<R, 1, T>(c, r0, d0);
 }
 
+template <typename T>
 TF_ATTN_AVX512 static void row_chunk_avx512(const Chunk& c) {
   const int D = c.D, n = c.n;
+  const T* const* kp = key_rows<T>(c);
   for (int r = 0; r < c.M; ++r) {
     const float* qr = c.q + static_cast<size_t>(r) * D;
     float* sr = c.s + static_cast<size_t>(r) * c.nc;
     int j = 0;
     for (; j + 4 <= n; j += 4) {
-      const float *k0 = c.kp[j], *k1 = c.kp[j + 1], *k2 = c.kp[j + 2], *k3 = c.kp[j + 3];
+      const T *k0 = kp[j], *k1 = kp[j + 1], *k2 = kp[j + 2], *k3 = kp[j + 3];
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int d = 0; d < D; d += 16) {
         const __m512 qv = _mm512_loadu_ps(qr + d);
-        a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + d), a0);
-        a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k1 + d), a1);
-        a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k2 + d), a2);
-        a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k3 + d), a3);
+        a0 = _mm512_fmadd_ps(qv, load_avx512(k0 + d), a0);
+        a1 = _mm512_fmadd_ps(qv, load_avx512(k1 + d), a1);
+        a2 = _mm512_fmadd_ps(qv, load_avx512(k2 + d), a2);
+        a3 = _mm512_fmadd_ps(qv, load_avx512(k3 + d), a3);
       }
       _mm_storeu_ps(sr + j, hsum4_avx512(a0, a1, a2, a3));
     }
     for (; j < n; ++j) {
       __m512 a0 = _mm512_setzero_ps();
-      for (int d = 0; d < D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), _mm512_loadu_ps(c.kp[j] + d), a0);
+      for (int d = 0; d < D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), load_avx512(kp[j] + d), a0);
       sr[j] = _mm512_reduce_add_ps(a0);
     }
   }
@@ -223,22 +257,27 @@ TF_ATTN_AVX512 static void row_chunk_avx512(const Chunk& c) {
     c.alpha[r] = alpha;
   }
   int r0 = 0;
-  for (; r0 + 4 <= c.M; r0 += 4) row_pv_rows_avx512<4>(c, r0);
+  for (; r0 + 4 <= c.M; r0 += 4) row_pv_rows_avx512<4, T>(c, r0);
   switch (c.M - r0) {
-    case 3: row_pv_rows_avx512<3>(c, r0); break;
-    case 2: row_pv_rows_avx512<2>(c, r0); break;
-    case 1: row_pv_rows_avx512<1>(c, r0); break;
+    case 3: row_pv_rows_avx512<3, T>(c, r0); break;
+    case 2: row_pv_rows_avx512<2, T>(c, r0); break;
+    case 1: row_pv_rows_avx512<1, T>(c, r0); break;
     default: break;
   }
 }
 
-template <int MV, int KJ>
+TF_ATTN_AVX512 static inline __m512 bcast_avx512(const float* p) { return _mm512_set1_ps(*p); }
+TF_ATTN_AVX512 static inline __m512 bcast_avx512(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(p->x)));  // vpbroadcastw + vcvtph2ps
+}
+
+template <int MV, int KJ, typename T>
 TF_ATTN_AVX512 static inline void lanes_qk_avx512(const Chunk& c, int j0) {
   __m512 acc[KJ][MV];
-  const float* kr[KJ];
+  const T* kr[KJ];
 #pragma GCC unroll 8
   for (int k = 0; k < KJ; ++k) {
-    kr[k] = c.kp[j0 + k];
+    kr[k] = key_rows<T>(c)[j0 + k];
 #pragma GCC unroll 4
     for (int v = 0; v < MV; ++v) acc[k][v] = _mm512_setzero_ps();
   }
@@ -248,7 +287,7 @@ TF_ATTN_AVX512 static inline void lanes_qk_avx512(const Chunk& c, int j0) {
     for (int v = 0; v < MV; ++v) qv[v] = _mm512_loadu_ps(c.q + static_cast<size_t>(d) * c.Mp + 16 * v);
 #pragma GCC unroll 8
     for (int k = 0; k < KJ; ++k) {
-      const __m512 kb = _mm512_set1_ps(kr[k][d]);
+      const __m512 kb = bcast_avx512(kr[k] + d);
 #pragma GCC unroll 4
       for (int v = 0; v < MV; ++v) acc[k][v] = _mm512_fmadd_ps(kb, qv[v], acc[k][v]);
     }
@@ -259,7 +298,7 @@ TF_ATTN_AVX512 static inline void lanes_qk_avx512(const Chunk& c, int j0) {
     for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c.s + static_cast<size_t>(j0 + k) * c.Mp + 16 * v, acc[k][v]);
 }
 
-template <int MV, int DB>
+template <int MV, int DB, typename T>
 TF_ATTN_AVX512 static inline void lanes_pv_avx512(const Chunk& c, int d0, const __m512* alpha) {
   __m512 acc[DB][MV];
 #pragma GCC unroll 16
@@ -271,10 +310,10 @@ TF_ATTN_AVX512 static inline void lanes_pv_avx512(const Chunk& c, int d0, const 
     __m512 p[MV];
 #pragma GCC unroll 4
     for (int v = 0; v < MV; ++v) p[v] = _mm512_loadu_ps(c.s + static_cast<size_t>(j) * c.Mp + 16 * v);
-    const float* vr = c.vp[j] + d0;
+    const T* vr = value_rows<T>(c)[j] + d0;
 #pragma GCC unroll 16
     for (int e = 0; e < DB; ++e) {
-      const __m512 vb = _mm512_set1_ps(vr[e]);
+      const __m512 vb = bcast_avx512(vr + e);
 #pragma GCC unroll 4
       for (int v = 0; v < MV; ++v) acc[e][v] = _mm512_fmadd_ps(vb, p[v], acc[e][v]);
     }
@@ -285,13 +324,13 @@ TF_ATTN_AVX512 static inline void lanes_pv_avx512(const Chunk& c, int d0, const 
     for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c.o + static_cast<size_t>(d0 + e) * c.Mp + 16 * v, acc[e][v]);
 }
 
-template <int MV>
+template <int MV, typename T>
 TF_ATTN_AVX512 static void lanes_chunk_avx512_t(const Chunk& c) {
   constexpr int KJ = MV >= 3 ? 4 : 8;
   constexpr int DB = MV == 1 ? 16 : MV == 2 ? 8 : 4;
   int j = 0;
-  for (; j + KJ <= c.n; j += KJ) lanes_qk_avx512<MV, KJ>(c, j);
-  for (; j < c.n; ++j) lanes_qk_avx512<MV, 1>(c, j);
+  for (; j + KJ <= c.n; j += KJ) lanes_qk_avx512<MV, KJ, T>(c, j);
+  for (; j < c.n; ++j) lanes_qk_avx512<MV, 1, T>(c, j);
   const __m512 ninf = _mm512_set1_ps(kNegInf);
   if (c.masked) {
     for (j = 0; j < c.n; ++j) {
@@ -324,15 +363,16 @@ TF_ATTN_AVX512 static void lanes_chunk_avx512_t(const Chunk& c) {
     _mm512_storeu_ps(c.l + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(c.l + 16 * v), alpha[v], sum));
     _mm512_storeu_ps(c.m + 16 * v, mnew);
   }
-  for (int d0 = 0; d0 < c.D; d0 += DB) lanes_pv_avx512<MV, DB>(c, d0, alpha);
+  for (int d0 = 0; d0 < c.D; d0 += DB) lanes_pv_avx512<MV, DB, T>(c, d0, alpha);
 }
 
+template <typename T>
 TF_ATTN_AVX512 static void lanes_chunk_avx512(const Chunk& c) {
   switch (c.Mp / 16) {
-    case 1: lanes_chunk_avx512_t<1>(c); break;
-    case 2: lanes_chunk_avx512_t<2>(c); break;
-    case 3: lanes_chunk_avx512_t<3>(c); break;
-    default: lanes_chunk_avx512_t<4>(c); break;
+    case 1: lanes_chunk_avx512_t<1, T>(c); break;
+    case 2: lanes_chunk_avx512_t<2, T>(c); break;
+    case 3: lanes_chunk_avx512_t<3, T>(c); break;
+    default: lanes_chunk_avx512_t<4, T>(c); break;
   }
 }
 
@@ -380,7 +420,12 @@ TF_ATTN_AVX2 static inline __m128 hsum4_avx2(__m256 a, __m256 b, __m256 c, __m25
   return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
-template <int R, int NV>
+TF_ATTN_AVX2 static inline __m256 load_avx2(const float* p) { return _mm256_loadu_ps(p); }
+TF_ATTN_AVX2 static inline __m256 load_avx2(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int R, int NV, typename T>
 TF_ATTN_AVX2 static inline void row_pv_avx2(const Chunk& c, int r0, int d0) {
   __m256 acc[R][NV];
 #pragma GCC unroll 4
@@ -391,10 +436,10 @@ TF_ATTN_AVX2 static inline void row_pv_avx2(const Chunk& c, int r0, int d0) {
       acc[r][v] = _mm256_mul_ps(_mm256_loadu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 8 * v), a);
   }
   for (int j = 0; j < c.n; ++j) {
-    const float* vr = c.vp[j] + d0;
+    const T* vr = value_rows<T>(c)[j] + d0;
     __m256 vv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vv[v] = _mm256_loadu_ps(vr + 8 * v);
+    for (int v = 0; v < NV; ++v) vv[v] = load_avx2(vr + 8 * v);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m256 p = _mm256_set1_ps(c.s[static_cast<size_t>(r0 + r) * c.nc + j]);
@@ -408,34 +453,36 @@ TF_ATTN_AVX2 static inline void row_pv_avx2(const Chunk& c, int r0, int d0) {
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 8 * v, acc[r][v]);
 }
 
-template <int R>
+template <int R, typename T>
 TF_ATTN_AVX2 static inline void row_pv_rows_avx2(const Chunk& c, int r0) {
   int d0 = 0;
-  for (; d0 + 16 <= c.D; d0 += 16) row_pv_avx2<R, 2>(c, r0, d0);
-  for (; d0 < c.D; d0 += 8) row_pv_avx2<R, 1>(c, r0, d0);
+  for (; d0 + 16 <= c.D; d0 += 16) row_pv_avx2<R, 2, T>(c, r0, d0);
+  for (; d0 < c.D; d0 += 8) row_pv_avx2<R, 1, T>(c, r0, d0);
 }
 
+template <typename T>
 TF_ATTN_AVX2 static void row_chunk_avx2(const Chunk& c) {
   const int D = c.D, n = c.n;
+  const T* const* kp = key_rows<T>(c);
   for (int r = 0; r < c.M; ++r) {
     const float* qr = c.q + static_cast<size_t>(r) * D;
     float* sr = c.s + static_cast<size_t>(r) * c.nc;
     int j = 0;
     for (; j + 4 <= n; j += 4) {
-      const float *k0 = c.kp[j], *k1 = c.kp[j + 1], *k2 = c.kp[j + 2], *k3 = c.kp[j + 3];
+      const T *k0 = kp[j], *k1 = kp[j + 1], *k2 = kp[j + 2], *k3 = kp[j + 3];
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int d = 0; d < D; d += 8) {
         const __m256 qv = _mm256_loadu_ps(qr + d);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+        a0 = _mm256_fmadd_ps(qv, load_avx2(k0 + d), a0);
+        a1 = _mm256_fmadd_ps(qv, load_avx2(k1 + d), a1);
+        a2 = _mm256_fmadd_ps(qv, load_avx2(k2 + d), a2);
+        a3 = _mm256_fmadd_ps(qv, load_avx2(k3 + d), a3);
       }
       _mm_storeu_ps(sr + j, hsum4_avx2(a0, a1, a2, a3));
     }
     for (; j < n; ++j) {
       __m256 a0 = _mm256_setzero_ps();
-      for (int d = 0; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(c.kp[j] + d), a0);
+      for (int d = 0; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), load_avx2(kp[j] + d), a0);
       sr[j] = hsum_avx2(a0);
     }
   }
@@ -465,11 +512,11 @@ TF_ATTN_AVX2 static void row_chunk_avx2(const Chunk& c) {
     c.alpha[r] = alpha;
   }
   int r0 = 0;
-  for (; r0 + 4 <= c.M; r0 += 4) row_pv_rows_avx2<4>(c, r0);
+  for (; r0 + 4 <= c.M; r0 += 4) row_pv_rows_avx2<4, T>(c, r0);
   switch (c.M - r0) {
-    case 3: row_pv_rows_avx2<3>(c, r0); break;
-    case 2: row_pv_rows_avx2<2>(c, r0); break;
-    case 1: row_pv_rows_avx2<1>(c, r0); break;
+    case 3: row_pv_rows_avx2<3, T>(c, r0); break;
+    case 2: row_pv_rows_avx2<2, T>(c, r0); break;
+    case 1: row_pv_rows_avx2<1, T>(c, r0); break;
     default: break;
   }
 }
@@ -579,26 +626,97 @@ TF_ATTN_AVX2 static void lanes_chunk_avx2(const Chunk& c) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// float16 cache rows: widened to float32 as a chunk is read, rounded from float32 as this step's k/v are written
+
+using WidenFn = void (*)(const at::Half* const* rows, float* dst, int n, int D);  // n rows of D -> dst [n][D]
+using NarrowFn = void (*)(const float* src, at::Half* dst, int64_t n);
+
+static bool cpu_has_f16c() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
+  }();
+  return has;
+}
+
+static void widen_rows_scalar(const at::Half* const* rows, float* dst, int n, int D) {
+  for (int j = 0; j < n; ++j) {
+    const at::Half* r = rows[j];
+    float* o = dst + static_cast<size_t>(j) * D;
+    for (int d = 0; d < D; ++d) o[d] = static_cast<float>(r[d]);
+  }
+}
+
+TF_ATTN_AVX2 static void widen_rows_avx2(const at::Half* const* rows, float* dst, int n, int D) {
+  for (int j = 0; j < n; ++j) {
+    const at::Half* r = rows[j];
+    float* o = dst + static_cast<size_t>(j) * D;
+    for (int d = 0; d < D; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + d))));
+  }
+}
+
+// Round to nearest even, as c10::Half(float) and torch's .half() do.
+static void narrow_scalar(const float* src, at::Half* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = at::Half(src[i]);
+}
+
+TF_ATTN_AVX512 static void narrow_avx512(const float* src, at::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  narrow_scalar(src + i, dst + i, n - i);
+}
+
+TF_ATTN_AVX2 static void narrow_avx2(const float* src, at::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  narrow_scalar(src + i, dst + i, n - i);
+}
+
+static WidenFn widen_for(int64_t level) {  // (the AVX-512 kernels widen as they load and never stage)
+  return level >= kAvx2 ? &widen_rows_avx2 : &widen_rows_scalar;
+}
+
+static NarrowFn narrow_for(int64_t level) {
+  if (level >= kAvx512) return &narrow_avx512;
+  if (level == kAvx2 && cpu_has_f16c()) return &narrow_avx2;
+  return &narrow_scalar;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Driver
 
 struct Kernels {
   ChunkFn row;
-  ChunkFn lanes;  // nullptr: no lanes kernel (scalar)
-  int vl;         // lanes per vector
+  ChunkFn lanes;       // nullptr: no lanes kernel (scalar)
+  ChunkFn row_half;    // float16 cache: row form reading c.kh/c.vh itself; nullptr: staged rows and `row`
+  ChunkFn lanes_half;  // float16 cache: lanes form reading c.kh/c.vh itself; nullptr: staged rows and `lanes`
+  int vl;              // lanes per vector
 };
 
+// A float16 cache (see the header): the AVX row forms and the AVX-512 lanes form widen K/V straight from the
+// cache as they load them; AVX2's lanes form (a broadcast + convert per element measured 10-25% slower than one
+// widening pass per chunk) and the scalar path read the chunk's rows widened once into the staging buffers.
 static Kernels kernels_for(int64_t level) {
-  if (level >= kAvx512) return {&row_chunk_avx512, &lanes_chunk_avx512, 16};
-  if (level == kAvx2) return {&row_chunk_avx2, &lanes_chunk_avx2, 8};
-  return {&row_chunk_scalar, nullptr, 1};
+  if (level >= kAvx512)
+    return {&row_chunk_avx512<float>, &lanes_chunk_avx512<float>, &row_chunk_avx512<at::Half>,
+            &lanes_chunk_avx512<at::Half>, 16};
+  if (level == kAvx2) return {&row_chunk_avx2<float>, &lanes_chunk_avx2, &row_chunk_avx2<at::Half>, nullptr, 8};
+  return {&row_chunk_scalar, nullptr, nullptr, nullptr, 1};
 }
 
 struct Problem {
   const float* q;
   int64_t q_tok, q_head;  // strides (elements); the last dim is contiguous
   float* out;             // [T, H, D] contiguous
-  const float* k_cache;
-  const float* v_cache;
+  const char* k_cache;    // [S, KVH, D] of float (elem_bytes 4) or at::Half (elem_bytes 2)
+  const char* v_cache;
+  int64_t elem_bytes;
+  WidenFn widen;          // float16 cache: widens a chunk's rows into the staging buffers; nullptr for float32
   const int64_t* block_tables;
   int64_t bt_stride;
   const int64_t* qsl;
@@ -619,6 +737,8 @@ struct Scratch {
   std::vector<float> q, o, s, m, l, alpha;
   std::vector<int32_t> lo, hi;
   std::vector<const float*> kp, vp;
+  std::vector<float> kst, vst;          // float16 cache, staged: this chunk's K/V rows widened to float32 [nc][D]
+  std::vector<const at::Half*> kh, vh;  // float16 cache: this chunk's rows in the cache
 };
 
 static int chunk_keys(int64_t D) { return D <= 128 ? 32 : 16; }
@@ -643,6 +763,20 @@ static void run_unit(const Problem& P, const Kernels& K, const Unit& u, float* p
   sc.hi.assign(Mp, std::numeric_limits<int32_t>::min());
   sc.kp.resize(nc);
   sc.vp.resize(nc);
+  const bool half = P.widen != nullptr;
+  const bool stage = half && (u.lanes ? K.lanes_half == nullptr : K.row_half == nullptr);
+  if (half) {
+    sc.kh.resize(nc);
+    sc.vh.resize(nc);
+  }
+  if (stage) {
+    sc.kst.resize(static_cast<size_t>(nc) * D);
+    sc.vst.resize(static_cast<size_t>(nc) * D);
+    for (int j = 0; j < nc; ++j) {  // the inner kernels read the staged rows
+      sc.kp[j] = sc.kst.data() + static_cast<size_t>(j) * D;
+      sc.vp[j] = sc.vst.data() + static_cast<size_t>(j) * D;
+    }
+  }
 
   int32_t max_lo = 0, min_hi = std::numeric_limits<int32_t>::max();
   for (int i = 0; i < nq; ++i) {
@@ -675,11 +809,14 @@ static void run_unit(const Problem& P, const Kernels& K, const Unit& u, float* p
   c.hi = sc.hi.data();
   c.kp = sc.kp.data();
   c.vp = sc.vp.data();
+  c.kh = sc.kh.data();
+  c.vh = sc.vh.data();
   c.M = M;
   c.Mp = Mp;
   c.D = D;
   c.nc = nc;
-  const ChunkFn fn = u.lanes ? K.lanes : K.row;
+  ChunkFn fn = u.lanes ? K.lanes : K.row;
+  if (half && !stage) fn = u.lanes ? K.lanes_half : K.row_half;
   const int64_t* table = P.block_tables + u.b * P.bt_stride;
   const int64_t bs = P.block_size;
   const int64_t head_off = u.g * P.D;
@@ -689,15 +826,16 @@ static void run_unit(const Problem& P, const Kernels& K, const Unit& u, float* p
   int64_t base = table[blk] * bs;
   int64_t pf_blk = blk, pf_off = off, pf_base = base;
   int32_t pf_pos = u.k0;
-  const int64_t row_bytes = P.D * static_cast<int64_t>(sizeof(float));
+  const int64_t eb = P.elem_bytes;
+  const int64_t row_bytes = P.D * eb;
   const int32_t ahead = static_cast<int32_t>(std::max<int64_t>(nc, kPrefetchBytes / (2 * row_bytes)));
   for (int32_t p0 = u.k0; p0 < u.k1; p0 += nc) {
     const int n = static_cast<int>(std::min<int64_t>(nc, u.k1 - p0));
     const int32_t pf_end = static_cast<int32_t>(std::min<int64_t>(u.k1, static_cast<int64_t>(p0) + n + ahead));
     for (; pf_pos < pf_end; ++pf_pos) {
       const int64_t row = (pf_base + pf_off) * P.slot_stride + head_off;
-      const char* kr = reinterpret_cast<const char*>(P.k_cache + row);
-      const char* vr = reinterpret_cast<const char*>(P.v_cache + row);
+      const char* kr = P.k_cache + row * eb;
+      const char* vr = P.v_cache + row * eb;
       for (int64_t b = 0; b < row_bytes; b += 64) {
         _mm_prefetch(kr + b, _MM_HINT_T1);
         _mm_prefetch(vr + b, _MM_HINT_T1);
@@ -707,13 +845,29 @@ static void run_unit(const Problem& P, const Kernels& K, const Unit& u, float* p
         pf_base = table[++pf_blk] * bs;
       }
     }
-    for (int j = 0; j < n; ++j) {
-      const int64_t row = (base + off) * P.slot_stride + head_off;
-      sc.kp[j] = P.k_cache + row;
-      sc.vp[j] = P.v_cache + row;
-      if (++off == bs && p0 + j + 1 < u.k1) {
-        off = 0;
-        base = table[++blk] * bs;
+    if (!half) {  // float32: the kernels read the cache rows in place
+      for (int j = 0; j < n; ++j) {
+        const int64_t row = (base + off) * P.slot_stride + head_off;
+        sc.kp[j] = reinterpret_cast<const float*>(P.k_cache) + row;
+        sc.vp[j] = reinterpret_cast<const float*>(P.v_cache) + row;
+        if (++off == bs && p0 + j + 1 < u.k1) {
+          off = 0;
+          base = table[++blk] * bs;
+        }
+      }
+    } else {  // float16: the rows in the cache, widened into the staging buffers (kp/vp) where the form needs it
+      for (int j = 0; j < n; ++j) {
+        const int64_t row = (base + off) * P.slot_stride + head_off;
+        sc.kh[j] = reinterpret_cast<const at::Half*>(P.k_cache) + row;
+        sc.vh[j] = reinterpret_cast<const at::Half*>(P.v_cache) + row;
+        if (++off == bs && p0 + j + 1 < u.k1) {
+          off = 0;
+          base = table[++blk] * bs;
+        }
+      }
+      if (stage) {
+        P.widen(sc.kh.data(), sc.kst.data(), n, D);
+        P.widen(sc.vh.data(), sc.vst.data(), n, D);
       }
     }
     c.n = n;
@@ -843,9 +997,24 @@ static void merge_split(const Problem& P, const Plan& plan, int64_t index, const
 static void write_kv(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots, int64_t T) {
   const int64_t KVH = cache.size(1), D = cache.size(2);
   const float* s = src.data_ptr<float>();
-  float* dst = cache.data_ptr<float>();
   const int64_t st = src.stride(0), sh = src.stride(1);
   const bool rows_contiguous = sh == D;
+  if (cache.scalar_type() == at::kHalf) {  // rounded to float16 on the way in
+    at::Half* dst = cache.data_ptr<at::Half>();
+    const NarrowFn narrow = narrow_for(g_isa);
+    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        at::Half* row = dst + slots[t] * KVH * D;
+        if (rows_contiguous) {
+          narrow(s + t * st, row, KVH * D);
+        } else {
+          for (int64_t h = 0; h < KVH; ++h) narrow(s + t * st + h * sh, row + h * D, D);
+        }
+      }
+    });
+    return;
+  }
+  float* dst = cache.data_ptr<float>();
   at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* row = dst + slots[t] * KVH * D;
@@ -869,12 +1038,17 @@ at::Tensor paged_attention_varlen(const at::Tensor& q_in, const at::Tensor& k_in
                                   const at::Tensor& slot_mapping_in, const at::Tensor& block_tables_in,
                                   const at::Tensor& query_start_loc_in, const at::Tensor& context_lens_in,
                                   int64_t block_size, double scale, int64_t window) {
-  for (const at::Tensor* t : {&q_in, &k_in, &v_in, &k_cache, &v_cache}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat,
-                "turbofan::paged_attention_varlen supports float32 q/k/v and KV cache only (got ", t->scalar_type(),
-                "); a bf16/fp16 cache is not implemented yet, use the PyTorch attention path for it");
+  for (const at::Tensor* t : {&q_in, &k_in, &v_in})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "turbofan::paged_attention_varlen supports float32 q/k/v only (got ",
+                t->scalar_type(), "); use the PyTorch attention path for other dtypes");
+  for (const at::Tensor* t : {&k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf,
+                "turbofan::paged_attention_varlen supports a float32 or float16 KV cache only (got ",
+                t->scalar_type(), "); use the PyTorch attention path for other dtypes");
+  for (const at::Tensor* t : {&q_in, &k_in, &v_in, &k_cache, &v_cache})
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 3, "paged_attention_varlen: q/k/v/caches must be 3-d CPU tensors");
-  }
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_attention_varlen: k_cache is ",
+              k_cache.scalar_type(), " but v_cache is ", v_cache.scalar_type());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention_varlen: caches must be contiguous");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_attention_varlen: k_cache and v_cache differ in shape");
   const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
@@ -926,14 +1100,18 @@ at::Tensor paged_attention_varlen(const at::Tensor& q_in, const at::Tensor& k_in
   int64_t level = g_isa;
   if (level >= kAvx512 && D % 16 != 0) level = kAvx2;
   if (level >= kAvx2 && D % 8 != 0) level = kScalar;
+  const bool half = k_cache.scalar_type() == at::kHalf;
+  if (half && level == kAvx2 && !cpu_has_f16c()) level = kScalar;  // (every AVX2 CPU known has F16C)
   const Kernels K = kernels_for(level);
   Problem P;
   P.q = q.data_ptr<float>();
   P.q_tok = q.stride(0);
   P.q_head = q.stride(1);
   P.out = out.data_ptr<float>();
-  P.k_cache = k_cache.data_ptr<float>();
-  P.v_cache = v_cache.data_ptr<float>();
+  P.k_cache = static_cast<const char*>(k_cache.data_ptr());
+  P.v_cache = static_cast<const char*>(v_cache.data_ptr());
+  P.elem_bytes = static_cast<int64_t>(k_cache.element_size());
+  P.widen = half ? widen_for(level) : nullptr;
   P.block_tables = bt;
   P.bt_stride = W;
   P.qsl = qsl;

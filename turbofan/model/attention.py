@@ -6,10 +6,13 @@ query row attends over its own sequence's context (causal, optionally within a s
 
 - The kernel (turbofan::paged_attention_varlen, turbofan/kernels/paged_attention.cpp) walks each sequence's
   block table itself: no padded copy, online softmax in float32, GQA without repeating K/V, one op for any mix
-  of decode rows and prefill chunks. Used whenever the kernels are available and the cache is float32.
+  of decode rows and prefill chunks. Used whenever the kernels are available, q is float32 and the cache is
+  float32 or float16 (a float16 cache: k/v rounded on write, rows widened to float32 on read, math in float32).
 - The fallback gathers every sequence's context into a padded [batch, context, ...] copy once per layer and runs
   one SDPA call with a mask that encodes causality, padding and the sliding window (kept for machines without a
-  compiler and for other cache dtypes).
+  compiler and for other dtypes). It serves a cache of any dtype: k/v are converted to the cache's dtype on
+  write and the gathered context back to q's dtype, so a float16 cache asked for explicitly (--kv-cache-dtype
+  float16) still works without a compiler, with the same rounding as the kernel, only slower.
 
 Everything per step (the query offsets for the kernel; the gather indices and masks for the fallback) is built
 once in AttentionMetadata and shared by all layers. Both paths are one opaque op, so a compiled forward (the
@@ -93,7 +96,7 @@ class AttentionMetadata:
     query_lens: torch.Tensor  # [B]
     block_size: int
     num_tokens: int
-    use_kernel: bool  # the C++ kernel serves float32 caches; other dtypes take the fallback
+    use_kernel: bool  # the C++ kernel serves float32 / float16 caches; other dtypes take the fallback
     windows: tuple[int, ...] = ()
     _dense: DenseMetadata | None = None
 
@@ -193,16 +196,16 @@ def _paged_attention_op(
     query_scatter: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))  # (no-ops when the dtypes agree)
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
     b, qlen = mask.shape[0], mask.shape[2]
     t, h, d = q.shape
     if query_scatter is None:
         qp = q.view(b, 1, h, d)
     else:
         qp = q.new_zeros(b * qlen, h, d).index_copy_(0, query_scatter, q).view(b, qlen, h, d)
-    keys = k_cache[gather_slots].transpose(1, 2)  # [B, KVH, C, D]
-    values = v_cache[gather_slots].transpose(1, 2)
+    keys = k_cache[gather_slots].to(q.dtype).transpose(1, 2)  # [B, KVH, C, D], widened from the cache's dtype
+    values = v_cache[gather_slots].to(q.dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=h != keys.shape[1]
     )
@@ -243,7 +246,7 @@ def paged_attention(
     window: int | None = None,
 ) -> torch.Tensor:
     """Write this step's keys/values into their slots, then attend over each sequence's paged context."""
-    if meta.use_kernel and attention_kernel.supports(k_cache.dtype):
+    if meta.use_kernel and q.dtype == torch.float32 and attention_kernel.supports(k_cache.dtype):
         return attention_kernel.paged_attention_varlen(
             q,
             k,
