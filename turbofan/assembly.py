@@ -56,6 +56,7 @@ def _runner(config: EngineConfig, model_path: Path) -> ModelRunner:
         num_blocks=config.num_kv_blocks,
         kv_cache_bytes=config.kv_cache_bytes,
         quantization=config.quantization,
+        kv_cache_dtype=config.kv_cache_dtype,
     )
     if config.tiering == "on":
         from turbofan.model.tiering import TieredForward
@@ -154,6 +155,7 @@ def build_engine(config: EngineConfig, plugins: list | None = None) -> Engine:
             "kv_blocks": runner.num_blocks,
             "block_size": runner.block_size,
             "kv_cache_gib": round(runner.kv_cache_bytes / (1 << 30), 3),
+            "kv_cache_dtype": str(runner.kv_cache_dtype).removeprefix("torch."),
             "max_concurrent_tokens": runner.num_blocks * runner.block_size,
             "max_model_len": engine.max_model_len,
         },

@@ -61,6 +61,12 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV-cache size: '2GiB', '512MiB', or a fraction of free RAM")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "float32", "float16"],
+        default="auto",
+        help="KV-cache dtype; auto: float16 when the weights are served quantized (GGUF by default), else the model's",
+    )
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)  # tests: force a tiny cache
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     p.add_argument("--tiering", choices=["off", "on"], default="off", help="compile hot shapes in the background")
@@ -151,6 +157,7 @@ def engine_config(args: argparse.Namespace, served_name: str | None = None):
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching,
         chat_template=_read_template(args.chat_template),

@@ -42,6 +42,9 @@ class EngineConfig:
     # "auto": GGUF models keep their file's precision in 4/8-bit blocks, safetensors stay float32 (model/quant.py);
     # "int8" / "int4": every layer matrix quantized; "none": float32, bit-comparable with transformers.
     quantization: str | None = "auto"
+    # KV-cache dtype (vLLM's --kv-cache-dtype): "auto" = float16 when the weights are served quantized and the
+    # attention kernel is there (GGUF models by default), else the model's dtype; or "float32" / "float16".
+    kv_cache_dtype: str = "auto"
     chat_template: str | None = None
     models_dir: str | None = None
     tiering: str = "off"
@@ -55,6 +58,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        if self.kv_cache_dtype not in ("auto", "float32", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32 or float16, got {self.kv_cache_dtype!r}")
         if self.tiering not in ("off", "on"):
             raise ValueError(f"tiering must be 'off' or 'on', got {self.tiering!r}")
 

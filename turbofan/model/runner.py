@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from turbofan import kernels
+from turbofan.kernels import attention as attention_kernel
 from turbofan.model.attention import AttentionMetadata
 from turbofan.model.batch import ForwardBatch
 from turbofan.model.layers import CausalLM, use_fused_ops
@@ -19,8 +21,32 @@ log = logging.getLogger("turbofan.model")
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block over all layers, K and V, in the cache's dtype."""
     a = model.args
     return a.num_layers * 2 * block_size * a.num_kv_heads * a.head_dim * torch.finfo(dtype).bits // 8
+
+
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, quantization: str, dtype: torch.dtype, device: str) -> torch.dtype:
+    """The KV cache's dtype for --kv-cache-dtype (vLLM's flag): auto | float32 | float16.
+
+    auto: float16 where the weights are served quantized (`quantization` is what quantize_model reports; anything
+    but "float32", e.g. the default path for GGUF models) on a float32 CPU model with the attention kernel
+    available: the kernel rounds k/v to float16 as it writes them and widens them to float32 as it reads, so a
+    decode step reads half the KV bytes, at a quality cost well inside that of 4-bit weights. Otherwise the model's
+    dtype, so `--quantization none` stays the exact float32 path. An explicit float16 without the kernels (no
+    compiler) is served by the PyTorch fallback, which converts on write and on gather: correct, only slower.
+    """
+    if kv_cache_dtype == "auto":
+        eligible = quantization != "float32" and dtype == torch.float32 and device == "cpu"
+        if eligible and kernels.available() and attention_kernel.supports(torch.float16):
+            return torch.float16
+        return dtype
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(KV_CACHE_DTYPES)}; got {kv_cache_dtype!r}")
+    return KV_CACHE_DTYPES[kv_cache_dtype]
 
 
 class ModelRunner:
@@ -33,6 +59,7 @@ class ModelRunner:
         num_blocks: int | None = None,
         kv_cache_bytes: int | None = None,
         quantization: str | None = "auto",
+        kv_cache_dtype: str = "auto",
     ):
         t0 = time.perf_counter()
         self.model = load_model(model_path, dtype=dtype, device=device)
@@ -45,7 +72,9 @@ class ModelRunner:
         self.args = self.model.args
         self.windows = tuple(sorted({w for w in self.args.sliding_window if w is not None}))
         self.dtype, self.device, self.block_size = dtype, device, block_size
-        per_block = kv_bytes_per_block(self.model, block_size, dtype)
+        # What the KV cache is kept in (float16 halves the bytes per block, so a memory budget holds twice the blocks).
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.quantization, dtype, device)
+        per_block = kv_bytes_per_block(self.model, block_size, self.kv_cache_dtype)
         if num_blocks is None:
             num_blocks = max(int((kv_cache_bytes or 1 << 30) // per_block), 2)
         self.num_blocks = num_blocks
@@ -53,10 +82,27 @@ class ModelRunner:
         self.trash_block = num_blocks
         a = self.args
         self.kv_cache = torch.zeros(
-            a.num_layers, 2, (num_blocks + 1) * block_size, a.num_kv_heads, a.head_dim, dtype=dtype, device=device
+            a.num_layers,
+            2,
+            (num_blocks + 1) * block_size,
+            a.num_kv_heads,
+            a.head_dim,
+            dtype=self.kv_cache_dtype,
+            device=device,
         )
         self.model_version = 0  # bumped whenever the weights change; compiled entries guard on it
         self.kv_cache_bytes = per_block * num_blocks
+        kv_name = str(self.kv_cache_dtype).removeprefix("torch.")
+        log.info(
+            "KV cache: %d blocks of %d tokens, %.3f GiB, kept in %s (--kv-cache-dtype %s)",
+            num_blocks,
+            block_size,
+            self.kv_cache_bytes / (1 << 30),
+            kv_name,
+            kv_cache_dtype,
+        )
+        if self.kv_cache_dtype != dtype and not (kernels.available() and attention_kernel.supports(self.kv_cache_dtype)):
+            log.warning("a %s KV cache without the attention kernel: the PyTorch fallback converts it (slower)", kv_name)
         # The forward the runner calls; the tiering layer may swap in compiled versions per shape.
         self.forward_fn: Callable[[ForwardBatch], torch.Tensor] = self.eager_forward
 
