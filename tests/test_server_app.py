@@ -228,3 +228,22 @@ def test_any_engine_client_serves_both_apis(tiny_models):
         assert client.get("/debug/tiers").json()["tiering"] == "off"
         assert "vllm:request_success_total" in client.get("/metrics").text
     assert fake.stopped
+
+
+def test_a_loader_builds_the_engine_on_the_engine_thread(tiny_models):
+    """All torch work on one thread: libgomp keeps a thread team per thread that ran a parallel region and stops
+    spin-waiting once it manages more threads than CPUs (decoding then runs at half speed on 2 cores)."""
+    from turbofan.assembly import build_engine
+    from turbofan.config import EngineConfig
+
+    where: list[str] = []
+
+    def loader():
+        where.append(threading.current_thread().name)
+        return build_engine(EngineConfig(model=str(tiny_models["llama"]), num_kv_blocks=64))
+
+    with TestClient(create_app(loader, ServerSettings())) as client:
+        body = {"prompt": "hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert where == ["turbofan-engine"]

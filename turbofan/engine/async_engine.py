@@ -5,18 +5,24 @@ and the engine thread hands each step's deltas back with one `call_soon_threadsa
 request), which the event loop fans out to per-request streams. A consumer that fell behind reads its pending
 deltas merged into one. A consumer that stops listening (a client that disconnects) aborts its request, which
 frees its KV blocks on the next loop iteration.
+
+Given a loader, the engine is also *built* on the engine thread, so one thread does all the torch work. That
+matters: OpenMP (libgomp) keeps a thread team per thread that ever ran a parallel region, and once it manages more
+threads than there are CPUs it stops spin-waiting between parallel regions; a model loaded on one thread and run
+on another then decodes at about half speed on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
 import psutil
@@ -70,10 +76,20 @@ class _Stream:
 
 
 class AsyncEngine(EngineClient):
-    def __init__(self, engine: Engine, max_waiting: int = 256, log_stats_interval: float = 10.0):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.info = engine.model_info()
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        max_waiting: int = 256,
+        log_stats_interval: float = 10.0,
+        loader: Callable[[], Engine] | None = None,
+    ):
+        """Wrap a built `engine`, or build one with `loader` on the engine thread when started."""
+        if (engine is None) == (loader is None):
+            raise ValueError("give an engine or a loader")
+        self._loader = loader
+        self._ready: asyncio.Future | None = None
+        if engine is not None:
+            self._bind(engine)
         self.max_waiting = max_waiting
         self.log_stats_interval = log_stats_interval
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -85,11 +101,20 @@ class AsyncEngine(EngineClient):
         self._dead: BaseException | None = None
         self._torch_profile: tuple[int, str | None, asyncio.Future] | None = None
 
+    def _bind(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.info = engine.model_info()
+
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the engine thread; with a loader, returns once the engine is built (or raises why it was not)."""
         self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name="turbofan-engine", daemon=True)
         self._thread.start()
+        if self._loader is not None:
+            await self._ready
 
     async def stop(self) -> None:
         self._stopping = True
@@ -204,7 +229,26 @@ class AsyncEngine(EngineClient):
         if deltas:
             self._deliver([(d.request_id, d) for d in deltas])
 
+    def _load(self) -> bool:
+        try:
+            self._bind(self._loader())
+        except BaseException as exc:  # noqa: BLE001 — handed to start()'s caller
+            self._settle(lambda f, error=exc: f.set_exception(error))
+            return False
+        self._settle(lambda f: f.set_result(None))
+        return True
+
+    def _settle(self, how) -> None:
+        def settle() -> None:
+            if not self._ready.done():
+                how(self._ready)
+
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shut down while loading)
+            self._loop.call_soon_threadsafe(settle)
+
     def _run(self) -> None:
+        if self._loader is not None and not self._load():
+            return
         last_log = time.monotonic()
         last_tokens = 0
         try:

@@ -19,7 +19,7 @@ from turbofan.server.errors import APIError
 log = logging.getLogger("turbofan.server")
 
 # What create_app accepts: a ready EngineClient (an AsyncEngine) or Engine, or a zero-argument callable that builds
-# either one.
+# an Engine (it then runs on the engine's own thread: see AsyncEngine).
 EngineSource = Any
 
 
@@ -55,13 +55,14 @@ class EngineState:
         self.load_started = time.time()
         try:
             source = self.source
-            if callable(source) and not isinstance(source, EngineClient):
-                loader: Callable[[], Any] = source
-                source = await asyncio.to_thread(loader)
+            options = dict(max_waiting=self.max_waiting, log_stats_interval=self.stats_interval)
             if isinstance(source, EngineClient):
                 client = source
+            elif callable(source):  # built on the engine thread, which then does all the torch work
+                loader: Callable[[], Any] = source
+                client = AsyncEngine(loader=loader, **options)
             elif hasattr(source, "step") and hasattr(source, "add_request"):  # an Engine: run it on its own thread
-                client = AsyncEngine(source, max_waiting=self.max_waiting, log_stats_interval=self.stats_interval)
+                client = AsyncEngine(source, **options)
             else:
                 raise TypeError(f"engine source must be an EngineClient, an Engine or a callable, got {source!r}")
             await client.start()
