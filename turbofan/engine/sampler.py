@@ -183,8 +183,8 @@ def _invert_blocks(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if nb * BLOCK != v:
         probs = torch.nn.functional.pad(probs, (0, nb * BLOCK - v))
     blocks = probs.view(m, nb, BLOCK)
-    sums = blocks.sum(-1, dtype=torch.float64)
-    cdf = sums.cumsum(-1)
+    sums = blocks.sum(-1)
+    cdf = sums.cumsum(-1, dtype=torch.float64)
     target = u * cdf[:, -1]
     b = torch.minimum(torch.searchsorted(cdf, target[:, None], right=True)[:, 0], _last_positive(sums))
     before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)[:, None])[:, 0], 0.0)
@@ -209,7 +209,7 @@ def _sample_truncated(
         width = max(width, P_ONLY_FIRST_WIDTH)
         rows = p_only.nonzero()[:, 0]
         full_lse = torch.zeros(logits.shape[0], dtype=logits.dtype)
-        full_lse[rows] = (logits[rows] * inv_t[rows]).logsumexp(-1)
+        full_lse[rows] = _logsumexp(logits[rows] * inv_t[rows])
     while True:
         width = min(width, vocab)
         vals, ids = logits.topk(width, dim=-1)  # temperature keeps the order: scale only the candidates
@@ -232,11 +232,19 @@ def _sample_truncated(
     return ids.gather(1, col[:, None])[:, 0]
 
 
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension, in place on `x` (no full-size temporaries)."""
+    m = x.amax(-1, keepdim=True)
+    return (m + x.sub_(m).exp_().sum(-1, keepdim=True).log_())[:, 0]
+
+
 def _sample_full(logits: torch.Tensor, temp: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Rows sampling from the whole vocabulary (temperature, maybe min-p): softmax, then a two-level inversion."""
-    probs = logits.div_(temp[:, None].to(logits.dtype)).softmax(-1)
+    """Rows sampling from the whole vocabulary (temperature, maybe min-p): unnormalised probabilities in place
+    (the best token's is 1), then a two-level inversion."""
+    probs = logits.div_(temp[:, None].to(logits.dtype))
+    probs = probs.sub_(probs.amax(-1, keepdim=True)).exp_()
     if bool((min_p > 0).any()):
-        probs.masked_fill_(probs < probs.amax(-1, keepdim=True) * min_p[:, None], 0.0)
+        probs.masked_fill_(probs < min_p[:, None].to(probs.dtype), 0.0)  # min-p relative to the best token: 1
     return _invert_blocks(probs, u)
 
 
