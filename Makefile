@@ -33,11 +33,10 @@ test-fast: install
 
 # The fast suite on the AVX2 code paths (ATen's kernels, MKL's, and our own kernels, which follow ATen's cap), so CI
 # covers both ISAs whatever the host: on an AVX-512 host `make test` runs AVX-512, this runs AVX2.
-# The compiled tier (tests/test_tiering.py) is left out here: with the AVX2 capability forced on an AVX-512 host,
-# Inductor's compiled decode disagrees with eager (open bug, found 2026-12-02); tiering is off by default.
+# The compiled tier keeps one Inductor code cache per CPU capability (see assembly.compile_cache_dir), so the two
+# runs never share compiled C++.
 test-avx2: install
-	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/python -m pytest -q -ra -m "not slow" \
-		--ignore=tests/test_tiering.py tests
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 bench: install
 	$(BIN)/python -m turbofan.bench.offline

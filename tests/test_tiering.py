@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -202,7 +204,9 @@ def test_serving_continues_while_the_real_compile_runs(hot):
     compile_s = {r["key"]: r for r in hot["table"]}[KEY]["compile_seconds"]
     assert len(hot["outputs_while_compiling"]) >= 1, "no request completed while the key compiled"
     assert len(steps) >= 10
-    assert max(steps) < min(1.0, compile_s / 5), f"a step stalled on the compiler: {max(steps):.2f} s"
+    # A step that waited for the compiler would take about the whole compile; a loaded machine slows steps too,
+    # so the bound is relative to the compile, not a wall-clock constant.
+    assert max(steps) < compile_s / 5, f"a step stalled on the compiler: {max(steps):.2f} s of {compile_s:.1f} s"
 
 
 def test_first_compiled_steps_do_not_compile_on_the_serving_thread(hot):
@@ -554,3 +558,20 @@ def test_code_cache_lives_under_the_model_store(tiny_dir, tmp_path, monkeypatch)
     assert cache.is_relative_to(store.resolve()), (
         f"Inductor's cache is {cache}, not under the model store {store}"
     )
+
+
+def test_code_cache_is_kept_per_cpu_capability(tmp_path):
+    """Inductor recompiles a cached graph's C++ for the running ISA while its cache key leaves the ISA out, so a
+    cache shared by an AVX2 and an AVX-512 process gives wrong tokens one way and heap corruption the other."""
+    script = (
+        "from turbofan.assembly import compile_cache_dir; from turbofan.config import EngineConfig; "
+        f"print(compile_cache_dir(EngineConfig(model='x', models_dir={str(tmp_path)!r})))"
+    )
+    dirs = set()
+    for cap in ("avx2", "default"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        path = Path(out.stdout.strip())
+        assert path.is_relative_to(tmp_path) and path.name == cap, path
+        dirs.add(path)
+    assert len(dirs) == 2

@@ -41,10 +41,19 @@ def resolve_model_path(config: EngineConfig) -> tuple[Path, str]:
 
 
 def compile_cache_dir(config: EngineConfig) -> Path:
+    """Inductor's code cache under the model store, one directory per CPU capability.
+
+    Inductor's FX-graph cache key leaves out the vector ISA (ATEN_CPU_CAPABILITY), yet a hit recompiles the
+    cached C++ for the ISA of the process: AVX-512 source built for AVX2 skips half of each vector (wrong tokens),
+    AVX2 source built for AVX-512 writes past its buffers (heap corruption). Found 2026-12-03 running the compiled
+    tier with ATEN_CPU_CAPABILITY=avx2 and then without it on one Zen 4 host.
+    """
     import os
 
+    import torch
+
     root = config.models_dir or os.environ.get("TURBOFAN_MODELS") or Path.home() / ".turbofan" / "models"
-    return Path(root) / ".compile-cache"
+    return Path(root) / ".compile-cache" / torch.backends.cpu.get_cpu_capability().lower()
 
 
 def _runner(config: EngineConfig, model_path: Path) -> ModelRunner:
