@@ -16,14 +16,17 @@
 // at::parallel_for's threads, claimed longest-first from a shared counter. When there are few units (one long
 // decode, say) the key range is split and the slices merged afterwards (flash-decoding), so both cores work.
 //
-// Two inner kernels per ISA, called once per chunk of keys:
+// Two inner kernels, called once per chunk of keys:
 //   row form   - queries as rows [M][D]: dot products of each row with each key, 4 keys reduced together.
 //                Used for decode tiles (one query position, M = query heads per kv head) and by the scalar path.
 //   lanes form - queries along the vector lanes ([D][Mp], transposed once per tile): scores, max, exp and the
 //                running sums are all vertical, so a prefill tile of up to 4 vectors of query rows runs at
 //                FMA speed with K/V elements broadcast straight from the cache.
-// The ISA level is turbofan::g_isa (set from Python); the AVX paths need head_dim % 16 (AVX-512) or % 8 (AVX2)
-// and otherwise drop to the next level that fits.
+// Both are written once, in paged_attention_chunk.h, over a small vector type (Vec: the width's intrinsics, and
+// the few operations AVX-512 and AVX2 do differently), and compiled twice below: for AVX-512 (16 lanes) and for
+// AVX2 (8 lanes), each inside its own `#pragma GCC target` region and namespace. The scalar path (row form only)
+// is plain C++. The ISA level is turbofan::g_isa (set from Python at run time); the AVX paths need head_dim % 16
+// (AVX-512) or % 8 (AVX2) and otherwise drop to the next level that fits.
 //
 // KV cache dtype: float32 or float16 (k_cache and v_cache alike; q/k/v and the output are always float32). A
 // float16 cache halves the bytes a decode step reads. This step's k/v are rounded to float16 (to nearest even,
@@ -37,14 +40,13 @@
 #include <cpuid.h>
 #include <atomic>
 #include <limits>
+#include <type_traits>
 
 namespace turbofan {
 namespace attn {
 
-#define TF_ATTN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define TF_ATTN_AVX2 __attribute__((target("avx2,fma,f16c")))  // (f16c: float16 cache rows; no float32 code uses it)
-
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kExpLow = -87.3365447505f, kExpHigh = 88.3762626647949f;  // the vector exp's input range
 constexpr int kMaxRows = 64;       // query rows per tile (row form)
 constexpr int kMinSplitKeys = 256;  // a key slice of a split unit is at least this long
 constexpr int64_t kPrefetchBytes = 64 << 10;  // how far ahead (K and V bytes) the prefetch walker runs
@@ -68,6 +70,19 @@ struct Chunk {
 };
 
 using ChunkFn = void (*)(const Chunk&);
+using WidenFn = void (*)(const at::Half* const* rows, float* dst, int n, int D);  // n rows of D -> dst [n][D]
+using NarrowFn = void (*)(const float* src, at::Half* dst, int64_t n);
+
+// The kernels of one ISA level.
+struct Kernels {
+  ChunkFn row;
+  ChunkFn lanes;       // nullptr: no lanes kernel (scalar)
+  ChunkFn row_half;    // float16 cache: row form reading c.kh/c.vh itself; nullptr: staged rows and `row`
+  ChunkFn lanes_half;  // float16 cache: lanes form reading c.kh/c.vh itself; nullptr: staged rows and `lanes`
+  WidenFn widen;       // float16 cache: widens a chunk's rows into the staging buffers
+  NarrowFn narrow;     // float16 cache: rounds this step's k/v rows as they are written
+  int vl;              // lanes per vector
+};
 
 // The rows a kernel instantiated on T reads: float32 rows (kp/vp), or float16 rows widened on load (kh/vh).
 template <typename T>
@@ -133,503 +148,109 @@ static void row_chunk_scalar(const Chunk& c) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// AVX-512
-
-TF_ATTN_AVX512 static inline __m512 exp_avx512(__m512 x) {
-  // Cephes expf: x = n ln2 + r, e^r by a degree-6 polynomial, times 2^n (scalef). About 1 ulp; exactly 0 for
-  // x < -87.3 (so -inf, a masked score, gives 0).
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365447505f), _CMP_GE_OQ);
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f));
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447505f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, fx));
-}
-
-// The four horizontal sums of a, b, c, d in one xmm.
-TF_ATTN_AVX512 static inline __m128 hsum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-TF_ATTN_AVX512 static inline __m512 load_avx512(const float* p) { return _mm512_loadu_ps(p); }
-TF_ATTN_AVX512 static inline __m512 load_avx512(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-template <int R, int NV, typename T>
-TF_ATTN_AVX512 static inline void row_pv_avx512(const Chunk& c, int r0, int d0) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    const __m512 a = _mm512_set1_ps(c.alpha[r0 + r]);
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 16 * v), a);
-  }
-  for (int j = 0; j < c.n; ++j) {
-    const T* vr = value_rows<T>(c)[j] + d0;
-    __m512 vv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vv[v] = load_avx512(vr + 16 * v);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512 p = _mm512_set1_ps(c.s[static_cast<size_t>(r0 + r) * c.nc + j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(p, vv[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 16 * v, acc[r][v]);
-}
-
-template <int R, typename T>
-TF_ATTN_AVX512 static inline void row_pv_rows_avx512(const Chunk& c, int r0) {
-  int d0 = 0;
-  for (; d0 + 64 <= c.D; d0 += 64) row_pv_avx512<R, 4, T>(c, r0, d0);
-  for (; d0 < c.D; d0 += 16) row_pv_avx512<R, 1, T>(c, r0, d0);
-}
-
-template <typename T>
-TF_ATTN_AVX512 static void row_chunk_avx512(const Chunk& c) {
-  const int D = c.D, n = c.n;
-  const T* const* kp = key_rows<T>(c);
-  for (int r = 0; r < c.M; ++r) {
-    const float* qr = c.q + static_cast<size_t>(r) * D;
-    float* sr = c.s + static_cast<size_t>(r) * c.nc;
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const T *k0 = kp[j], *k1 = kp[j + 1], *k2 = kp[j + 2], *k3 = kp[j + 3];
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int d = 0; d < D; d += 16) {
-        const __m512 qv = _mm512_loadu_ps(qr + d);
-        a0 = _mm512_fmadd_ps(qv, load_avx512(k0 + d), a0);
-        a1 = _mm512_fmadd_ps(qv, load_avx512(k1 + d), a1);
-        a2 = _mm512_fmadd_ps(qv, load_avx512(k2 + d), a2);
-        a3 = _mm512_fmadd_ps(qv, load_avx512(k3 + d), a3);
-      }
-      _mm_storeu_ps(sr + j, hsum4_avx512(a0, a1, a2, a3));
-    }
-    for (; j < n; ++j) {
-      __m512 a0 = _mm512_setzero_ps();
-      for (int d = 0; d < D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), load_avx512(kp[j] + d), a0);
-      sr[j] = _mm512_reduce_add_ps(a0);
-    }
-  }
-  if (c.masked) mask_rows(c);
-  const int nv = (n + 15) & ~15;  // nc is a multiple of 16: pad the tail with -inf and use whole vectors
-  for (int r = 0; r < c.M; ++r) {
-    float* sr = c.s + static_cast<size_t>(r) * c.nc;
-    for (int j = n; j < nv; ++j) sr[j] = kNegInf;
-    __m512 mx = _mm512_set1_ps(kNegInf);
-    for (int j = 0; j < nv; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + j));
-    const float mnew = std::max(c.m[r], _mm512_reduce_max_ps(mx));
-    if (mnew == kNegInf) {  // nothing visible to this row yet: contributes nothing, keeps its (zero) state
-      c.alpha[r] = 1.f;
-      for (int j = 0; j < nv; ++j) sr[j] = 0.f;
-      continue;
-    }
-    const float alpha = c.m[r] == kNegInf ? 0.f : std::exp(c.m[r] - mnew);
-    const __m512 mb = _mm512_set1_ps(mnew);
-    __m512 sum = _mm512_setzero_ps();
-    for (int j = 0; j < nv; j += 16) {
-      const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mb));
-      _mm512_storeu_ps(sr + j, p);
-      sum = _mm512_add_ps(sum, p);
-    }
-    c.l[r] = c.l[r] * alpha + _mm512_reduce_add_ps(sum);
-    c.m[r] = mnew;
-    c.alpha[r] = alpha;
-  }
-  int r0 = 0;
-  for (; r0 + 4 <= c.M; r0 += 4) row_pv_rows_avx512<4, T>(c, r0);
-  switch (c.M - r0) {
-    case 3: row_pv_rows_avx512<3, T>(c, r0); break;
-    case 2: row_pv_rows_avx512<2, T>(c, r0); break;
-    case 1: row_pv_rows_avx512<1, T>(c, r0); break;
-    default: break;
+static void widen_rows_scalar(const at::Half* const* rows, float* dst, int n, int D) {
+  for (int j = 0; j < n; ++j) {
+    const at::Half* r = rows[j];
+    float* o = dst + static_cast<size_t>(j) * D;
+    for (int d = 0; d < D; ++d) o[d] = static_cast<float>(r[d]);
   }
 }
 
-TF_ATTN_AVX512 static inline __m512 bcast_avx512(const float* p) { return _mm512_set1_ps(*p); }
-TF_ATTN_AVX512 static inline __m512 bcast_avx512(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(p->x)));  // vpbroadcastw + vcvtph2ps
-}
-
-template <int MV, int KJ, typename T>
-TF_ATTN_AVX512 static inline void lanes_qk_avx512(const Chunk& c, int j0) {
-  __m512 acc[KJ][MV];
-  const T* kr[KJ];
-#pragma GCC unroll 8
-  for (int k = 0; k < KJ; ++k) {
-    kr[k] = key_rows<T>(c)[j0 + k];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) acc[k][v] = _mm512_setzero_ps();
-  }
-  for (int d = 0; d < c.D; ++d) {
-    __m512 qv[MV];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) qv[v] = _mm512_loadu_ps(c.q + static_cast<size_t>(d) * c.Mp + 16 * v);
-#pragma GCC unroll 8
-    for (int k = 0; k < KJ; ++k) {
-      const __m512 kb = bcast_avx512(kr[k] + d);
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[k][v] = _mm512_fmadd_ps(kb, qv[v], acc[k][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int k = 0; k < KJ; ++k)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c.s + static_cast<size_t>(j0 + k) * c.Mp + 16 * v, acc[k][v]);
-}
-
-template <int MV, int DB, typename T>
-TF_ATTN_AVX512 static inline void lanes_pv_avx512(const Chunk& c, int d0, const __m512* alpha) {
-  __m512 acc[DB][MV];
-#pragma GCC unroll 16
-  for (int e = 0; e < DB; ++e)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v)
-      acc[e][v] = _mm512_mul_ps(_mm512_loadu_ps(c.o + static_cast<size_t>(d0 + e) * c.Mp + 16 * v), alpha[v]);
-  for (int j = 0; j < c.n; ++j) {
-    __m512 p[MV];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) p[v] = _mm512_loadu_ps(c.s + static_cast<size_t>(j) * c.Mp + 16 * v);
-    const T* vr = value_rows<T>(c)[j] + d0;
-#pragma GCC unroll 16
-    for (int e = 0; e < DB; ++e) {
-      const __m512 vb = bcast_avx512(vr + e);
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[e][v] = _mm512_fmadd_ps(vb, p[v], acc[e][v]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int e = 0; e < DB; ++e)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c.o + static_cast<size_t>(d0 + e) * c.Mp + 16 * v, acc[e][v]);
-}
-
-template <int MV, typename T>
-TF_ATTN_AVX512 static void lanes_chunk_avx512_t(const Chunk& c) {
-  constexpr int KJ = MV >= 3 ? 4 : 8;
-  constexpr int DB = MV == 1 ? 16 : MV == 2 ? 8 : 4;
-  int j = 0;
-  for (; j + KJ <= c.n; j += KJ) lanes_qk_avx512<MV, KJ, T>(c, j);
-  for (; j < c.n; ++j) lanes_qk_avx512<MV, 1, T>(c, j);
-  const __m512 ninf = _mm512_set1_ps(kNegInf);
-  if (c.masked) {
-    for (j = 0; j < c.n; ++j) {
-      const __m512i pj = _mm512_set1_epi32(c.p0 + j);
-      for (int v = 0; v < MV; ++v) {
-        const __m512i lo = _mm512_loadu_si512(c.lo + 16 * v);
-        const __m512i hi = _mm512_loadu_si512(c.hi + 16 * v);
-        const __mmask16 ok = _mm512_cmp_epi32_mask(lo, pj, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(pj, hi, _MM_CMPINT_LE);
-        float* sj = c.s + static_cast<size_t>(j) * c.Mp + 16 * v;
-        _mm512_storeu_ps(sj, _mm512_mask_mov_ps(ninf, ok, _mm512_loadu_ps(sj)));
-      }
-    }
-  }
-  __m512 alpha[MV];
-  for (int v = 0; v < MV; ++v) {
-    __m512 mx = ninf;
-    for (j = 0; j < c.n; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(c.s + static_cast<size_t>(j) * c.Mp + 16 * v));
-    const __m512 mold = _mm512_loadu_ps(c.m + 16 * v);
-    const __m512 mnew = _mm512_max_ps(mold, mx);
-    // Lanes that have seen nothing yet keep max -inf; subtract 0 there so exp gives 0 instead of NaN.
-    const __m512 safe = _mm512_mask_mov_ps(mnew, _mm512_cmp_ps_mask(mnew, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
-    alpha[v] = exp_avx512(_mm512_sub_ps(mold, safe));
-    __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j < c.n; ++j) {
-      float* sj = c.s + static_cast<size_t>(j) * c.Mp + 16 * v;
-      const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(sj), safe));
-      _mm512_storeu_ps(sj, p);
-      sum = _mm512_add_ps(sum, p);
-    }
-    _mm512_storeu_ps(c.l + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(c.l + 16 * v), alpha[v], sum));
-    _mm512_storeu_ps(c.m + 16 * v, mnew);
-  }
-  for (int d0 = 0; d0 < c.D; d0 += DB) lanes_pv_avx512<MV, DB, T>(c, d0, alpha);
-}
-
-template <typename T>
-TF_ATTN_AVX512 static void lanes_chunk_avx512(const Chunk& c) {
-  switch (c.Mp / 16) {
-    case 1: lanes_chunk_avx512_t<1, T>(c); break;
-    case 2: lanes_chunk_avx512_t<2, T>(c); break;
-    case 3: lanes_chunk_avx512_t<3, T>(c); break;
-    default: lanes_chunk_avx512_t<4, T>(c); break;
-  }
+// Round to nearest even, as c10::Half(float) and torch's .half() do.
+static void narrow_scalar(const float* src, at::Half* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = at::Half(src[i]);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// AVX2 (the same kernels on 8 lanes)
+// AVX-512: the kernels of paged_attention_chunk.h on 16 lanes
 
-TF_ATTN_AVX2 static inline __m256 exp_avx2(__m256 x) {
-  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447505f), _CMP_GE_OQ);
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447505f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  // 2^n for n in [-126, 128) straight into the exponent bits
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), live);
-}
-
-TF_ATTN_AVX2 static inline float hsum_avx2(__m256 a) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-TF_ATTN_AVX2 static inline float hmax_avx2(__m256 a) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-TF_ATTN_AVX2 static inline __m128 hsum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
-  const __m256 u = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
-  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-}
-
-TF_ATTN_AVX2 static inline __m256 load_avx2(const float* p) { return _mm256_loadu_ps(p); }
-TF_ATTN_AVX2 static inline __m256 load_avx2(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-template <int R, int NV, typename T>
-TF_ATTN_AVX2 static inline void row_pv_avx2(const Chunk& c, int r0, int d0) {
-  __m256 acc[R][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    const __m256 a = _mm256_set1_ps(c.alpha[r0 + r]);
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = _mm256_mul_ps(_mm256_loadu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 8 * v), a);
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
+namespace avx512 {
+#define TF_MM(name) _mm512_##name
+struct Isa {
+  static constexpr int W = 16;
+  using R = __m512;
+  static R load(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static R bcast(const at::Half* p) {  // vpbroadcastw + vcvtph2ps
+    return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(p->x)));
   }
-  for (int j = 0; j < c.n; ++j) {
-    const T* vr = value_rows<T>(c)[j] + d0;
-    __m256 vv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vv[v] = load_avx2(vr + 8 * v);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256 p = _mm256_set1_ps(c.s[static_cast<size_t>(r0 + r) * c.nc + j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(p, vv[v], acc[r][v]);
-    }
+  static void store_half(at::Half* p, R x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c.o + static_cast<size_t>(r0 + r) * c.D + d0 + 8 * v, acc[r][v]);
-}
-
-template <int R, typename T>
-TF_ATTN_AVX2 static inline void row_pv_rows_avx2(const Chunk& c, int r0) {
-  int d0 = 0;
-  for (; d0 + 16 <= c.D; d0 += 16) row_pv_avx2<R, 2, T>(c, r0, d0);
-  for (; d0 < c.D; d0 += 8) row_pv_avx2<R, 1, T>(c, r0, d0);
-}
-
-template <typename T>
-TF_ATTN_AVX2 static void row_chunk_avx2(const Chunk& c) {
-  const int D = c.D, n = c.n;
-  const T* const* kp = key_rows<T>(c);
-  for (int r = 0; r < c.M; ++r) {
-    const float* qr = c.q + static_cast<size_t>(r) * D;
-    float* sr = c.s + static_cast<size_t>(r) * c.nc;
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const T *k0 = kp[j], *k1 = kp[j + 1], *k2 = kp[j + 2], *k3 = kp[j + 3];
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int d = 0; d < D; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(qr + d);
-        a0 = _mm256_fmadd_ps(qv, load_avx2(k0 + d), a0);
-        a1 = _mm256_fmadd_ps(qv, load_avx2(k1 + d), a1);
-        a2 = _mm256_fmadd_ps(qv, load_avx2(k2 + d), a2);
-        a3 = _mm256_fmadd_ps(qv, load_avx2(k3 + d), a3);
-      }
-      _mm_storeu_ps(sr + j, hsum4_avx2(a0, a1, a2, a3));
-    }
-    for (; j < n; ++j) {
-      __m256 a0 = _mm256_setzero_ps();
-      for (int d = 0; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), load_avx2(kp[j] + d), a0);
-      sr[j] = hsum_avx2(a0);
-    }
+  static R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R ldexp_live(R y, R n, R x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLow), _CMP_GE_OQ);
+    return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, n));
   }
-  if (c.masked) mask_rows(c);
-  const int nv = (n + 7) & ~7;
-  for (int r = 0; r < c.M; ++r) {
-    float* sr = c.s + static_cast<size_t>(r) * c.nc;
-    for (int j = n; j < nv; ++j) sr[j] = kNegInf;
-    __m256 mx = _mm256_set1_ps(kNegInf);
-    for (int j = 0; j < nv; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
-    const float mnew = std::max(c.m[r], hmax_avx2(mx));
-    if (mnew == kNegInf) {
-      c.alpha[r] = 1.f;
-      for (int j = 0; j < nv; ++j) sr[j] = 0.f;
-      continue;
-    }
-    const float alpha = c.m[r] == kNegInf ? 0.f : std::exp(c.m[r] - mnew);
-    const __m256 mb = _mm256_set1_ps(mnew);
-    __m256 sum = _mm256_setzero_ps();
-    for (int j = 0; j < nv; j += 8) {
-      const __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mb));
-      _mm256_storeu_ps(sr + j, p);
-      sum = _mm256_add_ps(sum, p);
-    }
-    c.l[r] = c.l[r] * alpha + hsum_avx2(sum);
-    c.m[r] = mnew;
-    c.alpha[r] = alpha;
+  static __m128 fold128(R x) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   }
-  int r0 = 0;
-  for (; r0 + 4 <= c.M; r0 += 4) row_pv_rows_avx2<4, T>(c, r0);
-  switch (c.M - r0) {
-    case 3: row_pv_rows_avx2<3, T>(c, r0); break;
-    case 2: row_pv_rows_avx2<2, T>(c, r0); break;
-    case 1: row_pv_rows_avx2<1, T>(c, r0); break;
-    default: break;
+  static float hmax(R x) { return _mm512_reduce_max_ps(x); }
+  static R keep_between(const int32_t* lo, const int32_t* hi, int p, R s, R fill) {
+    const __m512i pv = _mm512_set1_epi32(p);
+    const __mmask16 in = _mm512_cmp_epi32_mask(_mm512_loadu_si512(lo), pv, _MM_CMPINT_LE) &
+                         _mm512_cmp_epi32_mask(pv, _mm512_loadu_si512(hi), _MM_CMPINT_LE);
+    return _mm512_mask_mov_ps(fill, in, s);
   }
-}
-
-template <int MV, int KJ>
-TF_ATTN_AVX2 static inline void lanes_qk_avx2(const Chunk& c, int j0) {
-  __m256 acc[KJ][MV];
-  const float* kr[KJ];
-#pragma GCC unroll 8
-  for (int k = 0; k < KJ; ++k) {
-    kr[k] = c.kp[j0 + k];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) acc[k][v] = _mm256_setzero_ps();
-  }
-  for (int d = 0; d < c.D; ++d) {
-    __m256 qv[MV];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) qv[v] = _mm256_loadu_ps(c.q + static_cast<size_t>(d) * c.Mp + 8 * v);
-#pragma GCC unroll 8
-    for (int k = 0; k < KJ; ++k) {
-      const __m256 kb = _mm256_broadcast_ss(kr[k] + d);
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[k][v] = _mm256_fmadd_ps(kb, qv[v], acc[k][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int k = 0; k < KJ; ++k)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(c.s + static_cast<size_t>(j0 + k) * c.Mp + 8 * v, acc[k][v]);
-}
-
-template <int MV, int DB>
-TF_ATTN_AVX2 static inline void lanes_pv_avx2(const Chunk& c, int d0, const __m256* alpha) {
-  __m256 acc[DB][MV];
-#pragma GCC unroll 8
-  for (int e = 0; e < DB; ++e)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v)
-      acc[e][v] = _mm256_mul_ps(_mm256_loadu_ps(c.o + static_cast<size_t>(d0 + e) * c.Mp + 8 * v), alpha[v]);
-  for (int j = 0; j < c.n; ++j) {
-    __m256 p[MV];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) p[v] = _mm256_loadu_ps(c.s + static_cast<size_t>(j) * c.Mp + 8 * v);
-    const float* vr = c.vp[j] + d0;
-#pragma GCC unroll 8
-    for (int e = 0; e < DB; ++e) {
-      const __m256 vb = _mm256_broadcast_ss(vr + e);
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[e][v] = _mm256_fmadd_ps(vb, p[v], acc[e][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int e = 0; e < DB; ++e)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(c.o + static_cast<size_t>(d0 + e) * c.Mp + 8 * v, acc[e][v]);
-}
-
-template <int MV>
-TF_ATTN_AVX2 static void lanes_chunk_avx2_t(const Chunk& c) {
-  constexpr int KJ = MV == 1 ? 8 : MV == 2 ? 4 : MV == 3 ? 3 : 2;
-  constexpr int DB = MV == 1 ? 8 : MV == 2 ? 4 : 2;
-  int j = 0;
-  for (; j + KJ <= c.n; j += KJ) lanes_qk_avx2<MV, KJ>(c, j);
-  for (; j < c.n; ++j) lanes_qk_avx2<MV, 1>(c, j);
-  const __m256 ninf = _mm256_set1_ps(kNegInf);
-  if (c.masked) {
-    for (j = 0; j < c.n; ++j) {
-      const __m256i pj = _mm256_set1_epi32(c.p0 + j);
-      for (int v = 0; v < MV; ++v) {
-        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.lo + 8 * v));
-        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.hi + 8 * v));
-        // outside: lo > p or p > hi
-        const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi32(lo, pj), _mm256_cmpgt_epi32(pj, hi));
-        float* sj = c.s + static_cast<size_t>(j) * c.Mp + 8 * v;
-        _mm256_storeu_ps(sj, _mm256_blendv_ps(_mm256_loadu_ps(sj), ninf, _mm256_castsi256_ps(out)));
-      }
-    }
-  }
-  __m256 alpha[MV];
-  for (int v = 0; v < MV; ++v) {
-    __m256 mx = ninf;
-    for (j = 0; j < c.n; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(c.s + static_cast<size_t>(j) * c.Mp + 8 * v));
-    const __m256 mold = _mm256_loadu_ps(c.m + 8 * v);
-    const __m256 mnew = _mm256_max_ps(mold, mx);
-    const __m256 safe = _mm256_blendv_ps(mnew, _mm256_setzero_ps(), _mm256_cmp_ps(mnew, ninf, _CMP_EQ_OQ));
-    alpha[v] = exp_avx2(_mm256_sub_ps(mold, safe));
-    __m256 sum = _mm256_setzero_ps();
-    for (j = 0; j < c.n; ++j) {
-      float* sj = c.s + static_cast<size_t>(j) * c.Mp + 8 * v;
-      const __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sj), safe));
-      _mm256_storeu_ps(sj, p);
-      sum = _mm256_add_ps(sum, p);
-    }
-    _mm256_storeu_ps(c.l + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(c.l + 8 * v), alpha[v], sum));
-    _mm256_storeu_ps(c.m + 8 * v, mnew);
-  }
-  for (int d0 = 0; d0 < c.D; d0 += DB) lanes_pv_avx2<MV, DB>(c, d0, alpha);
-}
-
-TF_ATTN_AVX2 static void lanes_chunk_avx2(const Chunk& c) {
-  switch (c.Mp / 8) {
-    case 1: lanes_chunk_avx2_t<1>(c); break;
-    case 2: lanes_chunk_avx2_t<2>(c); break;
-    case 3: lanes_chunk_avx2_t<3>(c); break;
-    default: lanes_chunk_avx2_t<4>(c); break;
-  }
-}
+  static constexpr int kRowPvVecs = 4;
+  static constexpr int kQkKeys[5] = {0, 8, 8, 4, 4};
+  static constexpr int kPvDims[5] = {0, 16, 8, 4, 4};
+  static constexpr bool kLanesHalf = true;
+};
+#include "paged_attention_chunk.h"
+#undef TF_MM
+}  // namespace avx512
+#pragma GCC pop_options
 
 // ---------------------------------------------------------------------------------------------------------------
-// float16 cache rows: widened to float32 as a chunk is read, rounded from float32 as this step's k/v are written
+// AVX2: the same kernels on 8 lanes (f16c: float16 cache rows; no float32 code uses it)
 
-using WidenFn = void (*)(const at::Half* const* rows, float* dst, int n, int D);  // n rows of D -> dst [n][D]
-using NarrowFn = void (*)(const float* src, at::Half* dst, int64_t n);
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define TF_MM(name) _mm256_##name
+struct Isa {
+  static constexpr int W = 8;
+  using R = __m256;
+  static R load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static R bcast(const at::Half* p) { return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(p->x))); }
+  static void store_half(at::Half* p, R x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static R round(R x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R ldexp_live(R y, R n, R x) {  // 2^n for n in [-126, 128) straight into the exponent bits
+    const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLow), _CMP_GE_OQ);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), live);
+  }
+  static __m128 fold128(R x) { return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1)); }
+  static float hmax(R x) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+  static R keep_between(const int32_t* lo, const int32_t* hi, int p, R s, R fill) {
+    const __m256i pv = _mm256_set1_epi32(p);
+    const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)), pv),
+                                        _mm256_cmpgt_epi32(pv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi))));
+    return _mm256_blendv_ps(s, fill, _mm256_castsi256_ps(out));
+  }
+  static constexpr int kRowPvVecs = 2;
+  static constexpr int kQkKeys[5] = {0, 8, 4, 3, 2};
+  static constexpr int kPvDims[5] = {0, 8, 4, 2, 2};
+  // A float16 cache: a broadcast + convert per element measured 10-25% slower here than one widening pass per
+  // chunk, so AVX2's lanes form reads staged rows (AVX-512's reads the cache in place).
+  static constexpr bool kLanesHalf = false;
+};
+#include "paged_attention_chunk.h"
+#undef TF_MM
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------------------------
+// Driver
 
 static bool cpu_has_f16c() {
   static const bool has = [] {
@@ -639,74 +260,13 @@ static bool cpu_has_f16c() {
   return has;
 }
 
-static void widen_rows_scalar(const at::Half* const* rows, float* dst, int n, int D) {
-  for (int j = 0; j < n; ++j) {
-    const at::Half* r = rows[j];
-    float* o = dst + static_cast<size_t>(j) * D;
-    for (int d = 0; d < D; ++d) o[d] = static_cast<float>(r[d]);
-  }
-}
-
-TF_ATTN_AVX2 static void widen_rows_avx2(const at::Half* const* rows, float* dst, int n, int D) {
-  for (int j = 0; j < n; ++j) {
-    const at::Half* r = rows[j];
-    float* o = dst + static_cast<size_t>(j) * D;
-    for (int d = 0; d < D; d += 8)
-      _mm256_storeu_ps(o + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + d))));
-  }
-}
-
-// Round to nearest even, as c10::Half(float) and torch's .half() do.
-static void narrow_scalar(const float* src, at::Half* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = at::Half(src[i]);
-}
-
-TF_ATTN_AVX512 static void narrow_avx512(const float* src, at::Half* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  narrow_scalar(src + i, dst + i, n - i);
-}
-
-TF_ATTN_AVX2 static void narrow_avx2(const float* src, at::Half* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  narrow_scalar(src + i, dst + i, n - i);
-}
-
-static WidenFn widen_for(int64_t level) {  // (the AVX-512 kernels widen as they load and never stage)
-  return level >= kAvx2 ? &widen_rows_avx2 : &widen_rows_scalar;
-}
-
-static NarrowFn narrow_for(int64_t level) {
-  if (level >= kAvx512) return &narrow_avx512;
-  if (level == kAvx2 && cpu_has_f16c()) return &narrow_avx2;
-  return &narrow_scalar;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Driver
-
-struct Kernels {
-  ChunkFn row;
-  ChunkFn lanes;       // nullptr: no lanes kernel (scalar)
-  ChunkFn row_half;    // float16 cache: row form reading c.kh/c.vh itself; nullptr: staged rows and `row`
-  ChunkFn lanes_half;  // float16 cache: lanes form reading c.kh/c.vh itself; nullptr: staged rows and `lanes`
-  int vl;              // lanes per vector
-};
-
 // A float16 cache (see the header): the AVX row forms and the AVX-512 lanes form widen K/V straight from the
-// cache as they load them; AVX2's lanes form (a broadcast + convert per element measured 10-25% slower than one
-// widening pass per chunk) and the scalar path read the chunk's rows widened once into the staging buffers.
-static Kernels kernels_for(int64_t level) {
-  if (level >= kAvx512)
-    return {&row_chunk_avx512<float>, &lanes_chunk_avx512<float>, &row_chunk_avx512<at::Half>,
-            &lanes_chunk_avx512<at::Half>, 16};
-  if (level == kAvx2) return {&row_chunk_avx2<float>, &lanes_chunk_avx2, &row_chunk_avx2<at::Half>, nullptr, 8};
-  return {&row_chunk_scalar, nullptr, nullptr, nullptr, 1};
+// cache as they load them; AVX2's lanes form and the scalar path read the chunk's rows widened once into the
+// staging buffers. The AVX2 level needs F16C for float16 (every AVX2 CPU known has it; otherwise scalar).
+static Kernels kernels_for(int64_t level, bool half) {
+  if (level >= kAvx512) return avx512::kernels();
+  if (level == kAvx2 && !(half && !cpu_has_f16c())) return avx2::kernels();
+  return {&row_chunk_scalar, nullptr, nullptr, nullptr, &widen_rows_scalar, &narrow_scalar, 1};
 }
 
 struct Problem {
@@ -1001,7 +561,7 @@ static void write_kv(const at::Tensor& src, const at::Tensor& cache, const int64
   const bool rows_contiguous = sh == D;
   if (cache.scalar_type() == at::kHalf) {  // rounded to float16 on the way in
     at::Half* dst = cache.data_ptr<at::Half>();
-    const NarrowFn narrow = narrow_for(g_isa);
+    const NarrowFn narrow = kernels_for(g_isa, true).narrow;
     at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         at::Half* row = dst + slots[t] * KVH * D;
@@ -1101,8 +661,7 @@ at::Tensor paged_attention_varlen(const at::Tensor& q_in, const at::Tensor& k_in
   if (level >= kAvx512 && D % 16 != 0) level = kAvx2;
   if (level >= kAvx2 && D % 8 != 0) level = kScalar;
   const bool half = k_cache.scalar_type() == at::kHalf;
-  if (half && level == kAvx2 && !cpu_has_f16c()) level = kScalar;  // (every AVX2 CPU known has F16C)
-  const Kernels K = kernels_for(level);
+  const Kernels K = kernels_for(level, half);
   Problem P;
   P.q = q.data_ptr<float>();
   P.q_tok = q.stride(0);
@@ -1111,7 +670,7 @@ at::Tensor paged_attention_varlen(const at::Tensor& q_in, const at::Tensor& k_in
   P.k_cache = static_cast<const char*>(k_cache.data_ptr());
   P.v_cache = static_cast<const char*>(v_cache.data_ptr());
   P.elem_bytes = static_cast<int64_t>(k_cache.element_size());
-  P.widen = half ? widen_for(level) : nullptr;
+  P.widen = half ? K.widen : nullptr;
   P.block_tables = bt;
   P.bt_stride = W;
   P.qsl = qsl;
