@@ -19,7 +19,7 @@ TF.askForKey = (message) =>
       form.method = "dialog";
       const title = document.createElement("h2");
       title.id = "api-key-title";
-      title.textContent = "API key";
+      title.textContent = "Sign in to turbofan";
       const note = document.createElement("p");
       note.className = "note";
       const label = document.createElement("label");

@@ -25,7 +25,7 @@
     ["itl_p50", "Inter-token latency p50", (s) => s.itl.p50, ms, true],
     ["itl_p95", "Inter-token latency p95", (s) => s.itl.p95, ms, false],
     ["kv_cache_usage", "KV-cache usage", (s) => s.kv_cache_usage, percent, true],
-    ["kv_blocks_free", "KV blocks free", (s) => s.kv_blocks_free, (v) => v, false],
+    ["kv_blocks_free", "KV blocks free", (s) => s.kv_blocks_free, integer, false],
     ["prefix_cache_hit_rate", "Prefix-cache hit rate (now)", (s) => s.prefix_cache_hit_rate, percent, false],
     ["prefix_cache_hit_rate_total", "Prefix-cache hit rate (total)", (s) => s.prefix_cache_hit_rate_total, percent, false],
     ["preemptions_total", "Preemptions", (s) => s.preemptions_total, integer, false],
@@ -65,13 +65,14 @@
     const points = history[name];
     const { line, max } = cards[name];
     if (!line) return;
-    const top = Math.max(...points.map((p) => p ?? 0), 1e-9);
+    const highest = Math.max(...points.map((p) => p ?? 0), 0);
+    const top = highest || 1;
     const offset = HISTORY - points.length;
     line.setAttribute(
       "points",
       points.map((p, i) => `${offset + i},${(40 - ((p ?? 0) / top) * 38 - 1).toFixed(2)}`).join(" "),
     );
-    max.textContent = `max ${format(top)} over ${points.length} s`;
+    max.textContent = `max ${format(highest)} over the last ${points.length} s`;
   }
 
   function cell(text) {
@@ -102,6 +103,8 @@
       ...Object.entries(s.deopts).map(([reason, n]) => [`deopts: ${reason}`, n]),
     ];
     document.querySelector("#tiers tbody").replaceChildren(...rows.map(([k, v]) => el("tr", {}, cell(k), cell(v))));
+    document.getElementById("tiers").hidden = rows.length === 0;
+    cards.kv_blocks_free.value.textContent = `${s.kv_blocks_free} of ${s.kv_blocks_total}`;
   }
 
   function show(s) {
