@@ -2,13 +2,12 @@
 against a real `turbofan serve smollm2:135m` with an API key.
 
 Chromium comes from apt (`apt-get install chromium`, as .ci/run does); `playwright install` downloads a browser and
-is never used. Set TURBOFAN_UI_SCREENSHOTS=docs to refresh the screenshots in docs/.
+is never used. The screenshots in docs/ come from tests/ui_screenshots.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -22,7 +21,6 @@ from test_server import KEY, Server, launch
 
 CHROMIUM = "/usr/bin/chromium"
 MODEL = "smollm2:135m"
-SCREENSHOTS = os.environ.get("TURBOFAN_UI_SCREENSHOTS")
 REPLY = '[data-role="assistant"]'
 
 
@@ -37,16 +35,20 @@ def ui_server(tmp_path_factory) -> Server:
     srv.stop()
 
 
+def launch_chromium(playwright):
+    """Debian's Chromium, headless, with nothing of its own phoning home."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (never `playwright install`)")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+
+
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (never `playwright install`)")
     with sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        )
+        b = launch_chromium(p)
         yield b
         b.close()
 
@@ -150,11 +152,6 @@ def metric(page, name: str) -> float | None:
     return float(value) if value else None
 
 
-def screenshot(page, name: str) -> None:
-    if SCREENSHOTS:
-        page.screenshot(path=str(Path(SCREENSHOTS) / name))
-
-
 # -- the chat page ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_question_gets_a_streamed_answer_after_asking_for_the_key(open_tab, ui_server):
@@ -223,7 +220,6 @@ def test_second_turn_keeps_history_and_regenerate_edit_export(open_tab, ui_serve
     assert [b["messages"] for b in tab.chat_bodies] == [turn1, turn2]
     assert tab.chat_bodies[1]["max_tokens"] == 24 and tab.chat_bodies[1]["temperature"] == 0
     assert tab.chat_bodies[1]["model"] == MODEL
-    screenshot(page, "ui-chat.png")
 
     last_reply(page).get_by_role("button", name="Regenerate").click()  # the same history again, one reply
     wait_reply_done(page)
@@ -249,7 +245,10 @@ def test_second_turn_keeps_history_and_regenerate_edit_export(open_tab, ui_serve
 @pytest.mark.slow
 def test_markdown_renders_code_and_never_model_html(open_tab):
     page = open_tab("/").page
-    source = '<img src=x onerror="window.pwned=1"> **bold** `x<y`\n\n```python\ndef f():\n    return "<b>"  # done\n```\n- one\n- two'
+    source = (
+        '<img src=x onerror="window.pwned=1"> **bold** `x<y`\n\n```python\ndef f():\n    return "<b>", 7 // 2  # done\n```\n'
+        "- one\n- two\n\n```js\nlet a = 1; // note\n```"
+    )
     html = page.evaluate(
         "(text) => { const d = document.createElement('div'); d.append(TF.renderMarkdown(text)); return d.innerHTML; }",
         source,
@@ -257,6 +256,8 @@ def test_markdown_renders_code_and_never_model_html(open_tab):
     assert "<img" not in html and "&lt;img src=x" in html and "<b>" not in html
     assert "<strong>bold</strong>" in html and "<code>x&lt;y</code>" in html
     assert '<span class="tok-keyword">def</span>' in html and '<span class="tok-comment"># done</span>' in html
+    assert '<span class="tok-number">7</span> // <span class="tok-number">2' in html  # Python's // is no comment...
+    assert '<span class="tok-comment">// note</span>' in html  # ...but JavaScript's // is
     assert "<ul><li>one</li><li>two</li></ul>" in html
     assert page.evaluate("window.pwned") is None
 
@@ -287,7 +288,6 @@ def test_dashboard_numbers_move_under_load(open_tab, ui_server):
     wait_until(lambda: (metric(page, "requests_running") or 0) >= 1, 30, "requests_running >= 1")
     wait_until(lambda: (metric(page, "generation_tokens_per_s") or 0) > 0, 30, "generation tokens/s > 0")
     wait_until(lambda: (metric(page, "kv_cache_usage") or 0) > before, 30, "KV-cache usage to grow")
-    screenshot(page, "ui-dashboard.png")
     for t in threads:
         t.join(120)
     assert done == [200, 200, 200]

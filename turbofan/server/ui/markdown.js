@@ -15,14 +15,17 @@
       "unsigned string echo fi then done esac local").split(" "),
   );
   const C_LIKE = /^(c|h|cc|cpp|hpp|c\+\+|cs|csharp|java|js|javascript|jsx|ts|typescript|tsx|go|rust|rs|swift|kotlin|kt|scala|css|json|php)$/;
+  const HASH_LIKE = /^(python|py|sh|bash|shell|zsh|console|ruby|rb|yaml|yml|toml|r|perl|pl|make|makefile|dockerfile|ini|conf)$/;
 
   // Code as spans of classes tok-comment, tok-string, tok-number, tok-keyword (and plain text between).
   function highlight(code, lang) {
-    const hash = !C_LIKE.test((lang || "").toLowerCase());
+    const name = (lang || "").toLowerCase(); // unknown: both kinds of comment
+    const hash = !C_LIKE.test(name);
+    const slash = !HASH_LIKE.test(name);
     const token = new RegExp(
       [
-        String.raw`\/\*[\s\S]*?(?:\*\/|$)`, // block comment
-        String.raw`\/\/[^\n]*`, // line comment
+        slash ? String.raw`\/\*[\s\S]*?(?:\*\/|$)` : null, // block comment
+        slash ? String.raw`\/\/[^\n]*` : null, // line comment
         hash ? String.raw`#[^\n]*` : null, // shell / python comment
         String.raw`"""[\s\S]*?(?:"""|$)`,
         String.raw`"(?:\\.|[^"\\\n])*"?`,
