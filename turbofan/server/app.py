@@ -21,22 +21,21 @@ from fastapi.responses import JSONResponse, Response
 import turbofan
 from turbofan.server import ollama_api, openai_api
 from turbofan.server.errors import CatchAllMiddleware, error_body, install_error_handlers
+from turbofan.server.pages import install_pages, is_open_path
 from turbofan.server.serving import ClientDisconnected, ServerContext
 from turbofan.server.settings import ServerSettings
 from turbofan.server.state import EngineSource, EngineState
 
-OPEN_PATHS = frozenset({"/health", "/"})
-
 
 class APIKeyMiddleware:
-    """Bearer key on every route but /health and / (CORS preflights pass: browsers send no key with them)."""
+    """Bearer key on every route but /health and the pages (CORS preflights pass: browsers send no key with them)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
         self.key = api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or is_open_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
@@ -132,6 +131,7 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
             trace = os.path.join(tempfile.gettempdir(), f"turbofan-trace-{int(time.time())}.json")
             return JSONResponse(await client.profile_torch(steps, trace))
 
+    install_pages(app)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
 

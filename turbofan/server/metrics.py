@@ -8,6 +8,9 @@ server when a request ends. Each app gets its own CollectorRegistry, so tests ca
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -33,6 +36,28 @@ TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
 TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+
+
+class RecentSamples:
+    """Raw observations of the last `window` seconds, for live percentiles (the dashboard's TTFT and ITL p50/p95):
+    Prometheus buckets are too coarse for that, and a scraper computes its own quantiles from them anyway."""
+
+    def __init__(self, window: float = 60.0, maxlen: int = 20_000):
+        self.window = window
+        self._samples: deque[tuple[float, float]] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+
+    def add(self, value: float, count: int = 1) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._samples.extend([(now, value)] * count)
+
+    def values(self) -> list[float]:
+        cutoff = time.monotonic() - self.window
+        with self._lock:
+            while self._samples and self._samples[0][0] < cutoff:
+                self._samples.popleft()
+            return [v for _, v in self._samples]
 
 
 class EngineCollector(Collector):
@@ -147,6 +172,8 @@ class ServerMetrics:
             "vllm:request_generation_tokens", "Generated tokens per request.", labels, buckets=TOKEN_BUCKETS,
             registry=reg,
         )  # fmt: skip
+        self.recent_ttft = RecentSamples()
+        self.recent_itl = RecentSamples()
         self.rejected = Counter(
             "turbofan:requests_rejected", "Requests refused before they ran, by reason.", labels + ["reason"],
             registry=reg,
@@ -159,6 +186,7 @@ class ServerMetrics:
         h = self.itl.labels(self.model_name())
         for _ in range(tokens):
             h.observe(seconds / tokens)
+        self.recent_itl.add(seconds / tokens, tokens)
 
     def observe_finished(self, out: RequestOutput) -> None:
         name = self.model_name()
@@ -172,6 +200,7 @@ class ServerMetrics:
             self.queue.labels(name).observe(max(0.0, m.first_scheduled_time - m.arrival_time))
         if m.first_token_time is not None:
             self.ttft.labels(name).observe(max(0.0, m.first_token_time - m.arrival_time))
+            self.recent_ttft.add(max(0.0, m.first_token_time - m.arrival_time))
             if m.first_scheduled_time is not None:
                 self.prefill.labels(name).observe(max(0.0, m.first_token_time - m.first_scheduled_time))
         if m.finished_time is not None:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 import turbofan
@@ -561,9 +561,3 @@ async def delete(body: NameRequest, request: Request):
 @router.get("/api/version")
 async def version() -> dict:
     return {"version": turbofan.__version__}
-
-
-@router.get("/", include_in_schema=False)
-@router.head("/", include_in_schema=False)
-async def root() -> PlainTextResponse:
-    return PlainTextResponse("turbofan is running")
