@@ -57,7 +57,14 @@ def compile_cache_dir(config: EngineConfig) -> Path:
 
 
 def _runner(config: EngineConfig, model_path: Path) -> ModelRunner:
-    runner = ModelRunner(
+    runner_class = ModelRunner
+    if config.tensor_parallel_size > 1:
+        from functools import partial
+
+        from turbofan.distributed.tp_runner import TensorParallelRunner
+
+        runner_class = partial(TensorParallelRunner, tensor_parallel_size=config.tensor_parallel_size)
+    runner = runner_class(
         model_path,
         dtype=config.torch_dtype,
         device=config.resolved_device,

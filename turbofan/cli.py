@@ -67,6 +67,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="KV-cache dtype; auto: float16 when the weights are served quantized (GGUF by default), else the model's",
     )
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="split the model over this many processes"
+    )
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)  # tests: force a tiny cache
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     p.add_argument("--tiering", choices=["off", "on"], default="off", help="compile hot shapes in the background")
@@ -167,6 +170,7 @@ def engine_config(args: argparse.Namespace, served_name: str | None = None):
         profile=args.profile,
         quantization=getattr(args, "quantization", None),
         log_stats_interval=getattr(args, "stats_interval", 0.0),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )
 
 

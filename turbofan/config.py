@@ -51,6 +51,8 @@ class EngineConfig:
     tier_threshold: int = 32
     profile: bool = False
     seed: int = 0
+    # Processes the model is split over (Megatron-style, turbofan/distributed); 1 = this process only.
+    tensor_parallel_size: int = 1
     log_stats_interval: float = 10.0
 
     def __post_init__(self) -> None:
@@ -62,6 +64,11 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be auto, float32 or float16, got {self.kv_cache_dtype!r}")
         if self.tiering not in ("off", "on"):
             raise ValueError(f"tiering must be 'off' or 'on', got {self.tiering!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.tiering == "on":
+            raise ValueError("tiering (torch.compile) does not trace the collectives of tensor parallelism: "
+                             "use --tiering off with --tensor-parallel-size")  # fmt: skip
 
     @property
     def resolved_device(self) -> str:

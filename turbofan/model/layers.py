@@ -7,6 +7,8 @@ per-layer rope and sliding windows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +85,8 @@ class DecoderLayer(nn.Module):
         self.q_norm = nn.Parameter(empty, requires_grad=False) if args.qk_norm else None
         self.k_norm = nn.Parameter(empty, requires_grad=False) if args.qk_norm else None
         self.fused = False  # set by CausalLM.use_fused_ops once the weights are in place
+        # Tensor parallelism (turbofan/distributed): sums the row-parallel o/down partial outputs over the ranks.
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -112,10 +116,14 @@ class DecoderLayer(nn.Module):
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, a.scale, self.window)
         o = linear(o.reshape(t, self.q_size), self.o_weight)
+        if self.all_reduce is not None:
+            o = self.all_reduce(o)
         if self.post_attn_norm is not None:
             o = rms_norm(o, self.post_attn_norm, eps, fused)
         x, h = add_rms_norm(x, o, self.pre_mlp_norm, eps, fused)
         m = linear(gated_act(linear(h, self.gate_up_weight), a.hidden_act != "silu", fused), self.down_weight)
+        if self.all_reduce is not None:
+            m = self.all_reduce(m)
         if self.post_mlp_norm is not None:
             m = rms_norm(m, self.post_mlp_norm, eps, fused)
         return x + m
@@ -131,6 +139,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Parameter(empty, requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.fused = False
+        # Tensor parallelism: an object with embed(ids, weight) and gather(logits) over the ranks' vocabulary rows.
+        self.vocab_parallel = None
         # Layers that share rope parameters share one cos/sin computation per step.
         self.rope_groups: list[tuple[torch.Tensor, list[int]]] = []
         for i, rope in enumerate(args.rope):
@@ -141,6 +151,11 @@ class CausalLM(nn.Module):
             else:
                 inv = torch.tensor(rope.inv_freq(args.head_dim), dtype=torch.float32)
                 self.rope_groups.append((inv, [i]))
+
+    @property
+    def cache_kv_heads(self) -> int:
+        """KV heads this process keeps in its cache: all of them, or its shard under tensor parallelism."""
+        return self.layers[0].args.num_kv_heads if len(self.layers) else self.args.num_kv_heads
 
     def use_fused_ops(self, on: bool) -> None:
         """Run norms, rotary embedding and gating as the own fused ops (float32 on CPU only)."""
@@ -153,7 +168,8 @@ class CausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Runs the flat batch through every layer and returns the final hidden states [T, hidden]."""
-        x = F.embedding(input_ids, self.embed)
+        vp = self.vocab_parallel
+        x = F.embedding(input_ids, self.embed) if vp is None else vp.embed(input_ids, self.embed)
         if self.args.embed_scale != 1.0:
             x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
         rope_of_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -167,7 +183,10 @@ class CausalLM(nn.Module):
         return rms_norm(x, self.final_norm, self.args.rms_norm_eps, self.fused)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.lm_head).float()
+        logits = linear(hidden, self.lm_head)
+        if self.vocab_parallel is not None:
+            logits = self.vocab_parallel.gather(logits)
+        logits = logits.float()
         cap = self.args.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

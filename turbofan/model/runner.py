@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -23,7 +24,7 @@ log = logging.getLogger("turbofan.model")
 def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one KV block over all layers, K and V, in the cache's dtype."""
     a = model.args
-    return a.num_layers * 2 * block_size * a.num_kv_heads * a.head_dim * torch.finfo(dtype).bits // 8
+    return a.num_layers * 2 * block_size * model.cache_kv_heads * a.head_dim * torch.finfo(dtype).bits // 8
 
 
 KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -49,6 +50,17 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, quantization: str, dtype: torch.
     return KV_CACHE_DTYPES[kv_cache_dtype]
 
 
+class Sharding(Protocol):
+    """How a tensor-parallel rank cuts its model and agrees on the KV cache with the other ranks
+    (turbofan/distributed/tensor_parallel.py; the model floor only sees this shape)."""
+
+    def __call__(self, model: CausalLM) -> None: ...
+
+    def agree_kv_dtype(self, dtype: torch.dtype) -> torch.dtype: ...
+
+    def sum(self, n: int) -> int: ...
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -60,9 +72,12 @@ class ModelRunner:
         kv_cache_bytes: int | None = None,
         quantization: str | None = "auto",
         kv_cache_dtype: str = "auto",
+        sharding: Sharding | None = None,
     ):
         t0 = time.perf_counter()
         self.model = load_model(model_path, dtype=dtype, device=device)
+        if sharding is not None:  # before quantizing: each rank quantizes its own slices
+            sharding(self.model)
         plan = plan_for(quantization or "none", Path(model_path), self.model)
         # What is actually served, for /api/show, /api/ps and logs: "float32" or e.g. "q4: 90, q8: 31".
         self.quantization = quantize_model(self.model, plan)
@@ -74,7 +89,11 @@ class ModelRunner:
         self.dtype, self.device, self.block_size = dtype, device, block_size
         # What the KV cache is kept in (float16 halves the bytes per block, so a memory budget holds twice the blocks).
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.quantization, dtype, device)
+        if sharding is not None:  # rank 0 decides; the budget covers every rank's KV heads
+            self.kv_cache_dtype = sharding.agree_kv_dtype(self.kv_cache_dtype)
         per_block = kv_bytes_per_block(self.model, block_size, self.kv_cache_dtype)
+        if sharding is not None:
+            per_block = sharding.sum(per_block)
         if num_blocks is None:
             num_blocks = max(int((kv_cache_bytes or 1 << 30) // per_block), 2)
         self.num_blocks = num_blocks
@@ -85,7 +104,7 @@ class ModelRunner:
             a.num_layers,
             2,
             (num_blocks + 1) * block_size,
-            a.num_kv_heads,
+            self.model.cache_kv_heads,
             a.head_dim,
             dtype=self.kv_cache_dtype,
             device=device,
