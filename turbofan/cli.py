@@ -72,6 +72,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)  # tests: force a tiny cache
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    p.add_argument("--tool-call-parser", default=None, help="format of tool calls in the output: hermes (default)")
     p.add_argument("--tiering", choices=["off", "on"], default="off", help="compile hot shapes in the background")
     p.add_argument("--tier-threshold", type=int, default=32, help="calls before a shape is compiled")
     p.add_argument("--profile", action="store_true", help="count calls and time per component method")
@@ -181,7 +182,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from turbofan.server import ServerSettings, create_app
     from turbofan.server.logs import configure_logging
+    from turbofan.server.tools import tool_parser
 
+    try:
+        tool_parser(args.tool_call_parser)
+    except ValueError as exc:
+        print(f"turbofan serve: {exc}", file=sys.stderr)
+        return 2
     configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("turbofan.server")
     names = args.served_model_name or []
@@ -195,6 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         chat_template=config.chat_template,
         stats_interval=args.stats_interval,
         models_dir=config.models_dir,
+        tool_call_parser=args.tool_call_parser,
     )
 
     def load():

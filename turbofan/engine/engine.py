@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from turbofan.config import EngineConfig
 from turbofan.engine.block_manager import BlockManager
 from turbofan.engine.client import ModelInfo
+from turbofan.engine.constraints import GrammarCompiler
 from turbofan.engine.input_batch import InputBatch
 from turbofan.engine.output_processor import OutputProcessor
 from turbofan.engine.outputs import RequestDelta, RequestOutput
@@ -78,6 +79,7 @@ class Engine:
         self.model_path = str(model_path or config.model)
         self.max_model_len = scheduler.max_model_len
         self.profiler = None  # set by the assembly when profiling is on
+        self.grammars = GrammarCompiler(getattr(tokenizer, "hf", None), runner.args.vocab_size, sampler.eos_token_ids)
 
     # -- requests -----------------------------------------------------------------------------------------------
     @property
@@ -128,6 +130,8 @@ class Engine:
         if params.max_tokens is None:  # a copy: the caller may share one SamplingParams across prompts
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         request = Request(request_id, text, ids, params, arrival_time)
+        if params.structured is not None:  # compiled here, so a bad grammar fails this request alone
+            request.seqs[0].constraint = self.grammars.constraint(params.structured)
         self.scheduler.add_request(request)
         return request
 

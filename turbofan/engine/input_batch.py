@@ -52,6 +52,7 @@ class SamplingBatch:
     # rows below min_tokens: (row, whether EOS is banned too, stop token ids)
     banned: list[tuple[int, bool, list[int]]] = field(default_factory=list)
     processor_rows: list[int] = field(default_factory=list)  # rows with their own logits processors
+    constrained_rows: list[int] = field(default_factory=list)  # rows whose sequence follows a grammar
     prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)  # rows of the full step's logits
 
     @property
@@ -292,6 +293,8 @@ class InputBatch:
                 batch.banned.append((i, not p.ignore_eos, p.stop_token_ids))
             if p.logits_processors:
                 batch.processor_rows.append(i)
+            if seq.constraint is not None:
+                batch.constrained_rows.append(i)
         return batch
 
     def _penalties(self, seqs: list[Sequence], rows: list[int]) -> Penalties:

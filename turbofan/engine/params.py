@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from turbofan.engine.constraints import StructuredOutput
+
 # A logits processor sees the tokens generated so far and the row of logits, and returns the new row.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
@@ -39,6 +41,8 @@ class SamplingParams:
     # penalties and before the logits processors
     logit_bias: dict[int, float] | None = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # constrained decoding: the output must match this JSON schema / regex / choice / grammar (engine/constraints.py)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -92,6 +96,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 20:
                 bad(f"{name} must be between 0 and 20, got {value}.")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            bad(f"structured must be a StructuredOutput, got {type(self.structured).__name__}.")
+        if self.structured is not None and self.use_beam_search:
+            bad("structured output with beam search is not supported.")
         if self.use_beam_search and self.best_of < 2 and self.n < 2:
             bad("beam search needs a beam width (best_of or n) of at least 2.")
 

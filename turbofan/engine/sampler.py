@@ -1,6 +1,6 @@
 """Turns a batch of logits into next tokens: batched tensor ops on the rows that need them, nothing per token.
 
-Order (as in vLLM): penalties → min_tokens masking → logit bias → logits processors → then greedy rows take the
+Order (as in vLLM): grammar bitmask (constrained rows only) → penalties → min_tokens masking → logit bias → logits processors → then greedy rows take the
 argmax, and the others go temperature → top-k → top-p → min-p → sample. Greedy rows pay for nothing else.
 
 Top-p is computed inside the top-k candidates (one `topk` of the raw logits, never a full-vocabulary sort; the
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from turbofan.engine.constraints import GrammarMasks
 from turbofan.engine.input_batch import Penalties, SamplingBatch
 from turbofan.engine.outputs import Logprob
 
@@ -46,6 +47,7 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         # Engine-wide processors (from plugins) run on every row after the request's own.
         self.logits_processors = list(logits_processors or [])
+        self.grammar_masks = GrammarMasks()
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -56,6 +58,9 @@ class Sampler:
         if batch.rows != list(range(logits.shape[0])):
             logits = logits[batch.rows]
         raw = logits[batch.logprob_rows].log_softmax(-1) if batch.logprob_rows else None
+        if batch.constrained_rows:  # before everything else, so penalties and bias cannot revive a banned token
+            rows = batch.constrained_rows
+            self.grammar_masks.apply(logits, [batch.seqs[i].constraint for i in rows], rows)
         if batch.penalties is not None:
             _penalise(logits, batch.penalties)
         if batch.banned:

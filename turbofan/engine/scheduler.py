@@ -231,12 +231,15 @@ class Scheduler:
             stop = detokenize(seq, token)
             num_out = seq.num_tokens - request.num_prompt_tokens
             enough = num_out >= params.min_tokens
+            complete = seq.constraint is not None and seq.constraint.accept(token)  # the grammar allows no more
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
             elif enough and not params.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason = "stop"
             elif enough and token in params.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
+            elif complete:
+                seq.finish_reason = "stop"
             elif num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
             if seq.finish_reason is not None:

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from turbofan.engine.constraints import Constraint
 from turbofan.engine.outputs import CompletionOutput, Logprob, RequestMetrics
 from turbofan.engine.params import SamplingParams
 
@@ -34,6 +35,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.status = Status.WAITING
         self.generator: torch.Generator | None = None
+        self.constraint: Constraint | None = None  # the grammar matcher of a request with structured output
         params = request.params
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
@@ -76,6 +78,7 @@ class Sequence:
         child.num_computed_tokens = num_computed_tokens
         child.block_hashes = list(self.block_hashes)
         child.status = self.status
+        child.constraint = self.constraint.fork() if self.constraint is not None else None
         return child
 
     def to_output(self) -> CompletionOutput:

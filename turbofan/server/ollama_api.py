@@ -30,6 +30,14 @@ from turbofan.server.serving import (
     start_generation,
     unless_disconnected,
 )
+from turbofan.server.structured import ollama_structured
+from turbofan.server.tools import (
+    ToolRequest,
+    chat_template_source,
+    ollama_calls,
+    prepare_messages,
+    template_supports_tools,
+)
 
 router = APIRouter()
 NEVER = "9999-12-31T23:59:59Z"
@@ -124,7 +132,7 @@ def _number(options: dict, key: str, kind: type) -> Any:
 
 
 def sampling_from_options(
-    options: dict[str, Any] | None, prompt_len: int, max_model_len: int, logprobs: int | None
+    options: dict[str, Any] | None, prompt_len: int, max_model_len: int, logprobs: int | None, format_: Any = None
 ) -> SamplingParams:
     opts = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if v is not None}}
     ints = ("num_predict", "num_ctx", "top_k", "repeat_last_n", "seed")
@@ -160,6 +168,7 @@ def sampling_from_options(
         stop=stop,
         max_tokens=max_tokens,
         logprobs=logprobs,
+        structured=ollama_structured(format_),
     )
 
 
@@ -171,9 +180,7 @@ def _logprobs_k(logprobs: bool | None, top: int | None) -> int | None:
     return top or 0
 
 
-def _unsupported(format_: Any, images: list | None, think: Any) -> None:
-    if format_ not in (None, ""):
-        raise bad_request("format (structured output) is not supported by turbofan")
+def _unsupported(images: list | None, think: Any) -> None:
     if images:
         raise bad_request("this model does not support images")
     if think not in (None, False):
@@ -203,13 +210,27 @@ def generate_prompt(body: GenerateRequest, client, chat_template: str | None) ->
     return list(body.context or []) + ids
 
 
-def _render_chat(client, messages: list[dict], chat_template: str | None) -> str:
+def _render_chat(client, messages: list[dict], chat_template: str | None, **kwargs) -> str:
     try:
-        return client.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=chat_template)
+        return client.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, chat_template=chat_template, **kwargs
+        )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
     except Exception as exc:  # jinja: the template refused these messages
         raise bad_request(f"the chat template could not render these messages: {exc}") from None
+
+
+def _chat_message(m: OllamaMessage) -> dict:
+    """An Ollama message for the chat template: earlier calls (arguments as objects) and tool results
+    (`tool_name`) in the shape HF templates read."""
+    d: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+    extra = m.model_extra or {}
+    if extra.get("tool_calls"):
+        d["tool_calls"] = [{"type": "function", "function": c.get("function", c)} for c in extra["tool_calls"]]
+    if extra.get("tool_name"):
+        d["name"] = extra["tool_name"]
+    return d
 
 
 # -- responses ----------------------------------------------------------------------------------------------------
@@ -272,13 +293,24 @@ def _line(payload: dict) -> str:
     return json.dumps(payload, ensure_ascii=False) + "\n"
 
 
-async def _ndjson(gen: Generation, shape, final, k: int | None, tokenizer) -> AsyncIterator[str]:
-    """Stream: one line per new piece of text, then the final line with the statistics."""
+async def _ndjson(gen: Generation, shape, final, k: int | None, tokenizer, tools=None) -> AsyncIterator[str]:
+    """Stream: one line per new piece of text (a tool call in one line once it is complete, as Ollama sends
+    it), then the final line with the statistics."""
     try:
         async for delta in gen:
             text, lps = _text_and_logprobs(delta, k, tokenizer)
-            if text or lps:
-                yield _line(shape(text, lps, False, None))
+            calls = []
+            if tools is not None:
+                done = len(tools.calls) - (1 if tools.in_call else 0)
+                events = tools.feed(text) + (tools.finish() if delta.finished else [])
+                text = "".join(e.text for e in events if e.kind == "content")
+                complete = len(tools.calls) - (1 if tools.in_call else 0)
+                calls = ollama_calls(tools.calls)[done:complete]
+            if text or lps or calls:
+                line = shape(text, lps, False, None)
+                if calls:
+                    line["message"]["tool_calls"] = calls
+                yield _line(line)
             if delta.finished:
                 yield _line(final(gen.output()))
     except APIError as exc:
@@ -318,14 +350,14 @@ async def generate(body: GenerateRequest, request: Request):
     started = time.time()
     ctx = ctx_of(request)
     client, waited = await _engine_for(ctx, body.model)
-    _unsupported(body.format, body.images, body.think)
+    _unsupported(body.images, body.think)
     if body.suffix:
         raise bad_request(f'"{body.model}" does not support insert')
     if not body.prompt and not body.context:
         return JSONResponse(_load_response(body.model, body.keep_alive, chat=False))
     k = _logprobs_k(body.logprobs, body.top_logprobs)
     prompt_ids = generate_prompt(body, client, ctx.settings.chat_template)
-    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k)
+    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k, body.format)
     request_id = f"ollama-gen-{int(started * 1e6):x}-{id(body):x}"
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.generate"))
     model = body.model
@@ -353,14 +385,24 @@ async def chat(body: ChatRequest, request: Request):
     ctx = ctx_of(request)
     client, waited = await _engine_for(ctx, body.model)
     images = [img for m in body.messages or [] for img in (m.images or [])]
-    _unsupported(body.format, images, body.think)
+    _unsupported(images, body.think)
     if not body.messages:
         return JSONResponse(_load_response(body.model, body.keep_alive, chat=True))
     k = _logprobs_k(body.logprobs, body.top_logprobs)
-    messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
-    text = _render_chat(client, messages, ctx.settings.chat_template)
+    # Ollama has no tool_choice (the model decides); turbofan takes one at the top level or in options
+    choice = (body.model_extra or {}).get("tool_choice", (body.options or {}).get("tool_choice"))
+    tools = ToolRequest.parse(body.tools, choice)
+    template = chat_template_source(client.tokenizer, ctx.settings.chat_template)
+    messages, kwargs = prepare_messages([_chat_message(m) for m in body.messages], tools, template_supports_tools(template))
+    text = _render_chat(client, messages, ctx.settings.chat_template, **kwargs)
     prompt_ids = client.tokenizer.encode(text, add_special_tokens=False)
-    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k)
+    parser = ctx.tool_parser if tools is not None else None
+    fmt = body.format
+    if tools is not None and tools.forced:
+        if fmt not in (None, ""):
+            raise bad_request("a required or named tool_choice cannot be combined with format")
+        fmt = parser.grammar(tools)
+    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k, fmt)
     request_id = f"ollama-chat-{int(started * 1e6):x}-{id(body):x}"
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.chat"))
     model = body.model
@@ -376,10 +418,15 @@ async def chat(body: ChatRequest, request: Request):
         return shape("", None, True, final_stats(out, started, waited))
 
     if body.stream:
-        return StreamingResponse(_ndjson(gen, shape, final, k, client.tokenizer), media_type=NDJSON)
+        lines = _ndjson(gen, shape, final, k, client.tokenizer, parser.stream() if parser else None)
+        return StreamingResponse(lines, media_type=NDJSON)
     out = await unless_disconnected(request, collect(gen))
     text, lps = _whole(out, k, client.tokenizer)
     reply = final(out)
+    if parser is not None:
+        text, calls = parser.parse(text)
+        if calls:
+            reply["message"]["tool_calls"] = ollama_calls(calls)
     reply["message"]["content"] = text
     if lps is not None:
         reply["logprobs"] = lps
@@ -502,7 +549,7 @@ async def show(body: NameRequest, request: Request) -> dict:
         "template": template,
         "details": tag_entry(entry)["details"],
         "model_info": {k: v for k, v in model_info.items() if v is not None},
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"] if template_supports_tools(template) else ["completion"],
         "modified_at": _iso(entry.modified_at),
     }
 

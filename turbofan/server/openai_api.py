@@ -41,6 +41,16 @@ from turbofan.server.serving import (
     start_generation,
     unless_disconnected,
 )
+from turbofan.server.structured import openai_structured
+from turbofan.server.tools import (
+    ToolParser,
+    ToolRequest,
+    chat_template_source,
+    openai_calls,
+    openai_deltas,
+    prepare_messages,
+    template_supports_tools,
+)
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -76,8 +86,9 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
 
 
 def sampling_params(
-    body: SamplingFields, client, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
-) -> SamplingParams:
+    body: SamplingFields, client, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+    structured=None,
+) -> SamplingParams:  # fmt: skip
     if body.best_of is not None and body.best_of != body.n and not body.use_beam_search:
         raise bad_request(
             f"best_of other than n needs use_beam_search (n={body.n}, best_of={body.best_of})", "best_of"
@@ -108,6 +119,7 @@ def sampling_params(
         use_beam_search=body.use_beam_search,
         best_of=body.best_of,
         logit_bias=bias,
+        structured=structured if structured is not None else openai_structured(body),
     )
     if body.repeat_last_n is not None:
         kwargs["repeat_last_n"] = body.repeat_last_n
@@ -240,8 +252,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise bad_request(f"top_logprobs must be between 0 and 20, got {body.top_logprobs}", "top_logprobs")
-    messages = _message_dicts(body.messages)
-    template_kwargs = dict(body.chat_template_kwargs or {})
+    extra = body.model_extra or {}
+    tools = ToolRequest.parse(extra.get("tools"), extra.get("tool_choice"))
+    template = chat_template_source(client.tokenizer, body.chat_template or ctx.settings.chat_template)
+    messages, template_kwargs = prepare_messages(_message_dicts(body.messages), tools, template_supports_tools(template))
+    template_kwargs.update(body.chat_template_kwargs or {})
     if body.continue_final_message:
         template_kwargs["continue_final_message"] = True
     prompt = render_chat(
@@ -253,36 +268,53 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     )
     prompt_ids = client.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
     k = (body.top_logprobs or 0) if body.logprobs else None
+    parser = ctx.tool_parser if tools is not None else None
+    forced = None
+    if tools is not None and tools.forced:  # required or named: a grammar makes the model call
+        if openai_structured(body) is not None:
+            raise bad_request("a required or named tool_choice cannot be combined with response_format", "tool_choice")
+        forced = parser.grammar(tools)
     params = sampling_params(
         body,
         client,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         logprobs=k,
         prompt_logprobs=body.prompt_logprobs,
+        structured=forced,
     )
     echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
     request_id = random_id("chatcmpl")
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "openai.chat"))
     name = body.model or ctx.model_name
     if body.stream:
-        stream = chat_stream(gen, name, request_id, body, client.tokenizer, echo)
+        stream = chat_stream(gen, name, request_id, body, client.tokenizer, echo, parser)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
     final = await unless_disconnected(request, collect(gen))
-    return JSONResponse(chat_response(final, name, request_id, k, client.tokenizer, echo))
+    return JSONResponse(chat_response(final, name, request_id, k, client.tokenizer, echo, parser))
 
 
-def chat_response(final: RequestOutput, model: str, request_id: str, k: int | None, tokenizer, echo: str) -> dict:
+def chat_response(
+    final: RequestOutput, model: str, request_id: str, k: int | None, tokenizer, echo: str,
+    parser: ToolParser | None = None,
+) -> dict:  # fmt: skip
     choices = []
     for c in final.outputs:
         logprobs = None
         if k is not None and c.logprobs is not None:
             logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, k, tokenizer), "refusal": None}
+        message = {"role": "assistant", "content": echo + c.text, "refusal": None, "tool_calls": []}
+        finish = c.finish_reason
+        if parser is not None:
+            content, calls = parser.parse(c.text)
+            if calls:
+                message.update(content=(echo + content) if content.strip() else None, tool_calls=openai_calls(calls))
+                finish = "tool_calls" if finish == "stop" else finish
         choices.append(
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": echo + c.text, "refusal": None, "tool_calls": []},
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish,
                 "stop_reason": c.stop_reason,
             }
         )
@@ -314,8 +346,9 @@ def _prompt_logprobs_json(prompt_logprobs) -> list | None:
 
 
 async def chat_stream(
-    gen: Generation, model: str, request_id: str, body: ChatCompletionRequest, tokenizer, echo: str
-) -> AsyncIterator[str]:
+    gen: Generation, model: str, request_id: str, body: ChatCompletionRequest, tokenizer, echo: str,
+    parser: ToolParser | None = None,
+) -> AsyncIterator[str]:  # fmt: skip
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
@@ -328,20 +361,42 @@ async def chat_stream(
             payload["usage"] = usage_
         return sse(payload)
 
+    parsers: dict = {}  # choice index -> its ToolStream
     try:
         for i in range(body.n):
             role = {"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None, "finish_reason": None}
             yield chunk([role])
         async for delta in gen:
             prompt_tokens = len(delta.prompt_token_ids)
-            choices = [choice for c in delta.outputs if (choice := _chat_choice(c, k, tokenizer)) is not None]
-            if choices:
+            if parser is not None:  # one chunk per content piece, call head or argument fragment
+                for choice in _tool_choices(delta.outputs, parsers, parser, k, tokenizer):
+                    yield chunk([choice], usage(prompt_tokens, gen.num_tokens) if continuous else None)
+            elif choices := [choice for c in delta.outputs if (choice := _chat_choice(c, k, tokenizer)) is not None]:
                 yield chunk(choices, usage(prompt_tokens, gen.num_tokens) if continuous else None)
             if delta.finished and include_usage:
                 yield chunk([], usage(prompt_tokens, gen.num_tokens, delta.num_cached_tokens))
     except APIError as exc:
         yield sse(openai_error_body(exc.status, exc.message, exc.param, exc.code))
     yield "data: [DONE]\n\n"
+
+
+def _tool_choices(outputs: list[CompletionDelta], streams: dict, parser: ToolParser, k: int | None, tokenizer):
+    """Stream choices for a request with tools: text is parsed as it comes, calls go out as tool_calls deltas."""
+    for c in outputs:
+        stream = streams.setdefault(c.index, parser.stream())
+        events = stream.feed(c.text) + (stream.finish() if c.finished else [])
+        parts = openai_deltas(events, stream.calls)
+        logprobs = None
+        if k is not None and c.logprobs:
+            logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, k, tokenizer), "refusal": None}
+        if logprobs is not None and not parts:
+            parts = [{}]
+        for i, part in enumerate(parts):
+            yield {"index": c.index, "delta": part, "logprobs": logprobs if i == 0 else None, "finish_reason": None}
+        if c.finished:
+            finish = "tool_calls" if stream.calls and c.finish_reason == "stop" else c.finish_reason
+            yield {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish,
+                   "stop_reason": c.stop_reason}  # fmt: skip
 
 
 def _chat_choice(c: CompletionDelta, k: int | None, tokenizer) -> dict | None:

@@ -53,6 +53,13 @@ class ServerContext:
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.state, lambda: self.model_name)
 
+    @property
+    def tool_parser(self):
+        """The parser for tool calls in model output (--tool-call-parser)."""
+        from turbofan.server.tools import tool_parser
+
+        return tool_parser(self.settings.tool_call_parser)
+
     # -- names ------------------------------------------------------------------------------------------------
     @property
     def client(self):

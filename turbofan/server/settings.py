@@ -17,6 +17,7 @@ class ServerSettings:
     chat_template: str | None = None  # overrides the tokenizer's template
     stats_interval: float = 10.0  # seconds between engine-stats log lines; 0 turns them off
     models_dir: str | None = None  # the model store (for /api/tags, /api/pull, ...); None: its default
+    tool_call_parser: str | None = None  # None: hermes (server/tools.py)
     debug_endpoints: bool = True  # GET /debug/engine (KV blocks, queues) for tests and operators
 
     def cors_options(self) -> dict:
