@@ -200,6 +200,7 @@ def main_server(tmp_root: Path) -> Server:
             "--max-model-len", "128",
             "--num-kv-blocks", "160",
             "--stats-interval", "1",
+            "--enable-debug-endpoints",
             key=KEY,
             probe_loading=True,
             store=tmp_root / "models",

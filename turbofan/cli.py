@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-format", choices=["json", "text"], default="json")
     s.add_argument("--stats-interval", type=float, default=10.0, help="seconds between engine-stats log lines")
+    s.add_argument("--enable-debug-endpoints", action="store_true", help="serve /debug/* (queues, KV, profiles)")
+    s.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413 (default 8 MiB)")
+    s.add_argument("--max-connections", type=int, default=1024, help="open connections before 503")
+    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request head")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request body (then 408)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="SIGTERM: seconds running requests get")
     _engine_flags(s)
 
     r = sub.add_parser("run", help="chat with a model in this terminal (or answer one prompt)")
@@ -176,6 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from turbofan.server import ServerSettings, create_app
+    from turbofan.server.guard import header_timeout_protocol
+    from turbofan.server.lifecycle import GracefulServer
     from turbofan.server.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
@@ -191,6 +199,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         chat_template=config.chat_template,
         stats_interval=args.stats_interval,
         models_dir=config.models_dir,
+        debug_endpoints=args.enable_debug_endpoints,
+        max_request_bytes=args.max_request_bytes,
+        body_timeout=args.body_timeout,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
     def load():
@@ -203,15 +217,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "turbofan serving",
         extra={"model": args.model, "host": args.host, "port": args.port, "auth": bool(settings.api_key)},
     )
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=5)
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        http=header_timeout_protocol(settings.header_timeout),
+        limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=5,
     )
+    server = GracefulServer(uv_config, app.state.ctx, settings.shutdown_timeout)
     server.run()
     client = app.state.ctx.client
     report = client.profile_report() if client is not None else None
     if report is not None:
         print(report)  # seed 002: the per-method table when the server stops
-    return 0
+    return 1 if server.engine_died else 0
 
 
 # -- run ----------------------------------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ async def generate(body: GenerateRequest, request: Request):
     if not body.prompt and not body.context:
         return JSONResponse(_load_response(body.model, body.keep_alive, chat=False))
     k = _logprobs_k(body.logprobs, body.top_logprobs)
-    prompt_ids = generate_prompt(body, client, ctx.settings.chat_template)
+    prompt_ids = await asyncio.to_thread(generate_prompt, body, client, ctx.settings.chat_template)
     params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k)
     request_id = f"ollama-gen-{int(started * 1e6):x}-{id(body):x}"
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.generate"))
@@ -358,8 +358,12 @@ async def chat(body: ChatRequest, request: Request):
         return JSONResponse(_load_response(body.model, body.keep_alive, chat=True))
     k = _logprobs_k(body.logprobs, body.top_logprobs)
     messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
-    text = _render_chat(client, messages, ctx.settings.chat_template)
-    prompt_ids = client.tokenizer.encode(text, add_special_tokens=False)
+
+    def tokenize_messages() -> list[int]:  # off the event loop, like every tokenization
+        text = _render_chat(client, messages, ctx.settings.chat_template)
+        return client.tokenizer.encode(text, add_special_tokens=False)
+
+    prompt_ids = await asyncio.to_thread(tokenize_messages)
     params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k)
     request_id = f"ollama-chat-{int(started * 1e6):x}-{id(body):x}"
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.chat"))
