@@ -22,6 +22,7 @@ import turbofan
 from turbofan.server import ollama_api, openai_api
 from turbofan.server.errors import APIError, CatchAllMiddleware, error_body, install_error_handlers
 from turbofan.server.guard import RequestGuard
+from turbofan.server.openapi import install_openapi
 from turbofan.server.serving import ClientDisconnected, ServerContext
 from turbofan.server.settings import ServerSettings
 from turbofan.server.state import EngineSource, EngineState
@@ -138,6 +139,7 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
 
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    install_openapi(app)
 
     app.add_middleware(RequestGuard, ctx=ctx, max_body_bytes=settings.max_request_bytes,
                        body_timeout=settings.body_timeout)  # fmt: skip

@@ -98,6 +98,17 @@ class NameRequest(OllamaModel):
             raise bad_request("model is required")
         return target
 
+    @property
+    def model_name(self) -> str:
+        """The target, which must be a model name (family[:tag] or org/name): never a path on the server's disk,
+        whose existence the answer would otherwise reveal."""
+        from turbofan.store.names import is_hub_name, is_model_name
+
+        target = self.target.strip()
+        if not (is_model_name(target) or is_hub_name(target)):
+            raise bad_request(f"invalid model name {target!r}: use family[:tag] or org/name")
+        return target
+
 
 def ctx_of(request: Request) -> ServerContext:
     return request.app.state.ctx
@@ -477,7 +488,7 @@ async def show(body: NameRequest, request: Request) -> dict:
     ctx = ctx_of(request)
     name = body.target
     serving = ctx.accepts(name) and ctx.client is not None
-    info = await served_info(ctx) if serving else await _store_call(ctx.store.show, name)
+    info = await served_info(ctx) if serving else await _store_call(ctx.store.show, body.model_name)
     entry = info.entry
     family = entry.family or entry.model_type or "unknown"
     template = info.chat_template or ""
@@ -515,14 +526,15 @@ async def show(body: NameRequest, request: Request) -> dict:
 async def pull(body: NameRequest, request: Request):
     """Ollama's pull: NDJSON progress events ({"status", "completed", "total"}) straight from the store."""
     ctx = ctx_of(request)
-    name = body.target
+    name = body.model_name
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict] = asyncio.Queue()
 
     def report(event: dict) -> None:  # called on the store's worker thread
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    task = asyncio.create_task(_store_call(ctx.store.pull, name, progress=report if body.stream else False))
+    progress = report if body.stream else False
+    task = asyncio.create_task(_store_call(ctx.store.pull, name, progress=progress, allow_paths=False))
     if not body.stream:
         resolved = await task
         return {"status": "success", "digest": getattr(resolved, "digest", "")}
@@ -558,7 +570,7 @@ async def pull(body: NameRequest, request: Request):
 @router.delete("/api/delete")
 async def delete(body: NameRequest, request: Request):
     ctx = ctx_of(request)
-    await _store_call(ctx.store.remove, body.target)
+    await _store_call(ctx.store.remove, body.model_name)
     return Response(status_code=200)
 
 

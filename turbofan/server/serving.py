@@ -121,8 +121,9 @@ def make_params(**kwargs: Any) -> SamplingParams:
     """SamplingParams from request fields; its own validation messages become 400s."""
     try:
         return SamplingParams(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc)) from None
+    except (ValueError, TypeError) as exc:  # its messages start with the field's name: that is OpenAI's `param`
+        name = str(exc).split(" ", 1)[0]
+        raise APIError(400, str(exc), param=name if name in SamplingParams.__dataclass_fields__ else None) from None
 
 
 def request_failed(exc: RequestFailedError) -> APIError:
