@@ -133,10 +133,12 @@ def launch(
     key: str | None = None,
     probe_loading: bool = False,
     store: Path | None = None,
+    module: str = "turbofan.cli",
 ) -> Server:
-    """`turbofan serve` in a subprocess; returns once /health says ok. `store`: its TURBOFAN_MODELS."""
+    """`turbofan serve` in a subprocess; returns once /health says ok. `store`: its TURBOFAN_MODELS; `module`: what
+    `python -m` runs (a test's wrapper around turbofan.cli)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "turbofan.cli", "serve", str(model), "--port", str(port), *flags]
+    cmd = [sys.executable, "-m", module, "serve", str(model), "--port", str(port), *flags]
     if key:
         cmd += ["--api-key", key]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TURBOFAN_API_KEY": "", "OMP_NUM_THREADS": THREADS}
@@ -200,6 +202,7 @@ def main_server(tmp_root: Path) -> Server:
             "--max-model-len", "128",
             "--num-kv-blocks", "160",
             "--stats-interval", "1",
+            "--enable-debug-endpoints",
             key=KEY,
             probe_loading=True,
             store=tmp_root / "models",
@@ -746,11 +749,16 @@ def test_ollama_store_endpoints(ollama_client, server, tmp_root):
     assert show.modelinfo["llama.context_length"] == 512 and "<|im_start|>" in show.template
     served = ollama_client.show(NAME)
     assert served.modelinfo["llama.context_length"] == 128  # the served context, not the config's
-    progress = list(ollama_client.pull(str(model), stream=True))
+    progress = list(ollama_client.pull("chain-copy:1m", stream=True))  # installed already: a no-op pull
     assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
+    import ollama
+
+    for path in (str(model), "/etc", "../models", "/no/such/dir"):  # names only: the same answer, exists or not
+        with pytest.raises(ollama.ResponseError) as e:
+            ollama_client.pull(path)
+        assert e.value.status_code == 400 and "invalid model name" in e.value.error
     assert ollama_client.delete("chain-copy:1m").status == "success"
     assert "chain-copy:1m" not in [m.model for m in ollama_client.list().models]
-    import ollama
 
     with pytest.raises(ollama.ResponseError) as e:
         ollama_client.delete("chain-copy:1m")

@@ -14,7 +14,8 @@ def debug_server(tmp_path_factory):
     model, _ = chain_model_path(tmp_root)
     srv = launch(
         model, tmp_root / "debug-server.log", "--served-model-name", NAME, "--max-model-len", "256",
-        "--num-kv-blocks", "64", "--profile", "--tiering", "on", "--tier-threshold", "1000000", key=KEY,
+        "--num-kv-blocks", "64", "--profile", "--tiering", "on", "--tier-threshold", "1000000",
+        "--enable-debug-endpoints", key=KEY,
     )  # fmt: skip
     yield srv
     srv.stop()

@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-format", choices=["json", "text"], default="json")
     s.add_argument("--stats-interval", type=float, default=10.0, help="seconds between engine-stats log lines")
+    s.add_argument("--enable-debug-endpoints", action="store_true", help="serve /debug/* (queues, KV, profiles)")
+    s.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413 (default 8 MiB)")
+    s.add_argument("--max-connections", type=int, default=1024, help="open connections before 503")
+    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request head")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request body (then 408)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="SIGTERM: seconds running requests get")
     _engine_flags(s)
 
     r = sub.add_parser("run", help="chat with a model in this terminal (or answer one prompt)")
@@ -129,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("ps", help="the model a running server has loaded")
     ps.add_argument("--url", default=None, help="server base URL (default $TURBOFAN_HOST or 127.0.0.1:8000)")
 
-    b = sub.add_parser("bench", help="benchmarks: `bench serve` (HTTP load) or `bench offline` (engine)")
-    b.add_argument("kind", choices=["serve", "offline"])
+    b = sub.add_parser("bench", help="benchmarks: `bench serve` (HTTP load), `bench offline` (engine), `bench soak`")
+    b.add_argument("kind", choices=["serve", "offline", "soak"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="see `turbofan bench serve --help`")
     return parser
 
@@ -181,6 +187,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from turbofan.server import ServerSettings, create_app
+    from turbofan.server.guard import header_timeout_protocol
+    from turbofan.server.lifecycle import GracefulServer
     from turbofan.server.logs import configure_logging
     from turbofan.server.tools import tool_parser
 
@@ -203,6 +211,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stats_interval=args.stats_interval,
         models_dir=config.models_dir,
         tool_call_parser=args.tool_call_parser,
+        debug_endpoints=args.enable_debug_endpoints,
+        max_request_bytes=args.max_request_bytes,
+        body_timeout=args.body_timeout,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
     def load():
@@ -215,15 +229,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "turbofan serving",
         extra={"model": args.model, "host": args.host, "port": args.port, "auth": bool(settings.api_key)},
     )
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=5)
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        http=header_timeout_protocol(settings.header_timeout),
+        limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=5,
     )
+    server = GracefulServer(uv_config, app.state.ctx, settings.shutdown_timeout)
     server.run()
     client = app.state.ctx.client
     report = client.profile_report() if client is not None else None
     if report is not None:
         print(report)  # seed 002: the per-method table when the server stops
-    return 0
+    return 1 if server.engine_died else 0
 
 
 # -- run ----------------------------------------------------------------------------------------------------------
@@ -492,6 +513,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.kind == "serve":
         from turbofan.bench import serve as bench
+    elif args.kind == "soak":
+        from turbofan.bench import soak as bench  # careless and hostile clients against a running server
     else:
         from turbofan.bench import offline as bench  # the engine's benchmark, no HTTP
     return int(bench.main(args.args) or 0)

@@ -32,6 +32,7 @@ import psutil
 
 from turbofan.engine.client import EngineClient
 from turbofan.engine.engine import Engine, EngineStats
+from turbofan.engine.errors import RequestFailedError
 from turbofan.engine.outputs import CompletionDelta, RequestDelta
 from turbofan.engine.params import SamplingParams
 
@@ -230,7 +231,11 @@ class AsyncEngine(EngineClient):
         self._deliver(errors)
 
     def _step(self) -> None:
-        deltas = self.engine.step()
+        try:
+            deltas = self.engine.step()
+        except RequestFailedError as exc:  # those requests are aborted already; the loop goes on
+            self._deliver([(rid, exc) for rid in exc.request_ids])
+            return
         if deltas:
             self._deliver([(d.request_id, d) for d in deltas])
 
@@ -259,11 +264,11 @@ class AsyncEngine(EngineClient):
         try:
             while not self._stopping:
                 self._drain_commands()
-                if not self.engine.has_unfinished_requests():
+                if self._torch_profile is not None:
+                    self._run_torch_profile()
+                elif not self.engine.has_unfinished_requests():
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
-                elif self._torch_profile is not None:
-                    self._run_torch_profile()
                 else:
                     self._step()
                 if self.log_stats_interval:
@@ -276,29 +281,39 @@ class AsyncEngine(EngineClient):
             self._dead = exc
             error = EngineDeadError(f"the engine stopped after an error: {exc}")
             self._deliver([(rid, error) for rid in list(self._streams)])
+            if self._torch_profile is not None:
+                future = self._torch_profile[2]
+                self._loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(error))
 
-    async def profile_torch(self, steps: int, trace_path: str | None = None) -> dict:
-        """Record the next `steps` engine steps with torch.profiler (seed 002's per-op table).
+    async def profile_torch(self, steps: int, trace_path: str | None = None, timeout: float = 10.0) -> dict:
+        """Record the next `steps` engine steps with torch.profiler (seed 002's per-op table), or as many as run
+        within `timeout` seconds (an idle server answers with none rather than never).
 
         Returns the top ops by self CPU time with their call counts; writes a Chrome trace if asked.
         """
         if steps < 1:
             raise ValueError("steps must be at least 1")
+        if self._dead is not None or self._thread is None or not self._thread.is_alive():
+            raise EngineDeadError("the engine loop is not running")
         future = asyncio.get_running_loop().create_future()
-        self._torch_profile = (steps, trace_path, future)
+        self._torch_profile = (steps, trace_path, future, time.monotonic() + timeout)
         self._wake.set()
         return await future
 
     def _run_torch_profile(self) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        steps, trace_path, future = self._torch_profile
+        steps, trace_path, future, deadline = self._torch_profile
         self._torch_profile = None
         done = 0
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            while done < steps and self.engine.has_unfinished_requests():
-                self._step()
-                done += 1
+            while done < steps and time.monotonic() < deadline and not self._stopping:
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                    done += 1
+                else:
+                    self._wake.wait(timeout=min(0.05, max(deadline - time.monotonic(), 0.0)))
+                    self._wake.clear()
                 self._drain_commands()
         if trace_path:
             prof.export_chrome_trace(trace_path)

@@ -2,24 +2,52 @@
 
 Freed blocks keep their prefix hash and stay findable until the allocator reuses them (least recently freed
 first), so a prompt that repeats a recent prefix skips its prefill even after the first request has finished.
+
+A block's key is sha256 over (parent key, its token ids, extra keys), as vLLM keys blocks since advisory
+GHSA-rm76-4mrf-v9r8: Python's `hash` of a tuple chain can be made to collide, and a collision would hand one
+request another's KV. A hit is also checked token by token against what the block holds, so even a colliding
+key (tests force one through `block_key`) never shares a block whose tokens differ.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
+from collections.abc import Callable
+from collections.abc import Sequence as Tokens
 
 from turbofan.engine.sequence import Sequence
 
+ROOT_KEY = bytes(32)
+
+
+def block_key(parent: bytes, tokens: Tokens[int], extra: bytes = b"") -> bytes:
+    """sha256 over the parent block's key, the block's token ids (int64, length-prefixed) and extra keys."""
+    h = hashlib.sha256(parent)
+    h.update(len(tokens).to_bytes(4, "little"))
+    h.update(array("q", tokens).tobytes())
+    h.update(extra)
+    return h.digest()
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        key_fn: Callable[[bytes, Tokens[int]], bytes] = block_key,
+    ):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.key_fn = key_fn
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # what a cached block holds
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # prefix hash -> block id
+        self.cached: dict[bytes, int] = {}  # prefix key -> block id
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
 
@@ -36,14 +64,14 @@ class BlockManager:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
     # -- prefix cache -------------------------------------------------------------------------------------------
-    def _chain(self, seq: Sequence, num_blocks: int) -> list[int]:
-        """The hash chain of `seq`'s first `num_blocks` full blocks; each block is hashed once per sequence."""
+    def _chain(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The key chain of `seq`'s first `num_blocks` full blocks; each block is hashed once per sequence."""
         hashes = seq.block_hashes
         if len(hashes) < num_blocks:
-            bs, tokens = self.block_size, seq.token_ids
-            parent = hashes[-1] if hashes else 0
+            bs, tokens, key = self.block_size, seq.token_ids, self.key_fn
+            parent = hashes[-1] if hashes else ROOT_KEY
             for i in range(len(hashes), num_blocks):
-                parent = hash((parent, tuple(tokens[i * bs : (i + 1) * bs])))
+                parent = key(parent, tokens[i * bs : (i + 1) * bs])
                 hashes.append(parent)
         return hashes
 
@@ -54,11 +82,12 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.block_table or seq.request.prompt_logprobs is not None:
             return 0  # prompt logprobs need the logits of every prompt position, so nothing can be skipped
-        full = (seq.num_tokens - 1) // self.block_size
-        for h in self._chain(seq, full)[:full]:
+        bs, tokens = self.block_size, seq.token_ids
+        full = (seq.num_tokens - 1) // bs
+        for i, h in enumerate(self._chain(seq, full)[:full]):
             block = self.cached.get(h)
-            if block is None:
-                break
+            if block is None or self.block_tokens[block] != tuple(tokens[i * bs : (i + 1) * bs]):
+                break  # a miss, or a key collision: never share a block holding other tokens
             self._ref(block)
             seq.block_table.append(block)
         hit = len(seq.block_table) * self.block_size
@@ -83,10 +112,12 @@ class BlockManager:
         if full <= start:
             return
         hashes = self._chain(seq, full)
+        bs, tokens = self.block_size, seq.token_ids
         for i in range(start, full):
             block, h = seq.block_table[i], hashes[i]
             if self.block_hash[block] is None and h not in self.cached:
                 self.block_hash[block] = h
+                self.block_tokens[block] = tuple(tokens[i * bs : (i + 1) * bs])
                 self.cached[h] = block
         seq.num_committed_blocks = full
 
@@ -102,6 +133,7 @@ class BlockManager:
         if h is not None:  # evict its prefix entry: the contents are about to be overwritten
             self.cached.pop(h, None)
             self.block_hash[block] = None
+            self.block_tokens[block] = None
         self.ref_counts[block] = 1
         return block
 

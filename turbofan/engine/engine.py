@@ -21,11 +21,12 @@ from turbofan.config import EngineConfig
 from turbofan.engine.block_manager import BlockManager
 from turbofan.engine.client import ModelInfo
 from turbofan.engine.constraints import GrammarCompiler
+from turbofan.engine.errors import RequestFailedError
 from turbofan.engine.input_batch import InputBatch
 from turbofan.engine.output_processor import OutputProcessor
 from turbofan.engine.outputs import RequestDelta, RequestOutput
 from turbofan.engine.params import SamplingParams
-from turbofan.engine.sampler import Sampler
+from turbofan.engine.sampler import Sampler, SamplerOutput
 from turbofan.engine.scheduler import Scheduler
 from turbofan.engine.sequence import Request
 from turbofan.model.runner import ModelRunner
@@ -51,7 +52,22 @@ class EngineStats:
 
 
 def default_max_model_len(config: EngineConfig, runner: ModelRunner) -> int:
-    return config.max_model_len or min(runner.args.max_position, 8192)
+    """The context length served: the asked or model's (capped at 8192), and never more than the KV cache holds.
+
+    vLLM refuses to start when the context does not fit the cache; like Ollama we shrink the context and say so,
+    so one long request can never need more blocks than exist.
+    """
+    wanted = config.max_model_len or min(runner.args.max_position, 8192)
+    capacity = runner.num_blocks * runner.block_size
+    if wanted > capacity:
+        log.warning(
+            "max_model_len %d does not fit the KV cache (%d blocks of %d = %d tokens): serving %d tokens of context; "
+            "raise --kv-cache-memory for more",
+            wanted, runner.num_blocks, runner.block_size, capacity, capacity,
+            extra={"max_model_len_wanted": wanted, "max_model_len": capacity, "kv_cache_tokens": capacity},
+        )  # fmt: skip
+        return capacity
+    return wanted
 
 
 class Engine:
@@ -145,13 +161,24 @@ class Engine:
 
     # -- the step -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        """One step. An error building, running or sampling the batch ends the requests it concerns (raised as
+        RequestFailedError once they are aborted) and leaves the engine serving the rest; an error in the
+        scheduler's bookkeeping is a broken invariant and propagates."""
         sched = self.scheduler.schedule()
-        batch = self.input_batch.prepare(sched)
-        if batch is None:
-            return []
-        self.runner.copy_blocks(sched.copies)
-        logits = self.runner.execute(batch.forward)
-        sampled = self.sampler.sample(logits, batch.sampling)
+        try:
+            batch = self.input_batch.prepare(sched)
+            if batch is None:  # nothing to run; sequences the cache could not hold still get their last delta
+                return self.output_processor.process(sched, SamplerOutput([])) if sched.truncated else []
+            self.runner.copy_blocks(sched.copies)
+            logits = self.runner.execute(batch.forward)
+            sampled = self.sampler.sample(logits, batch.sampling)
+        except Exception as exc:
+            failed = exc if isinstance(exc, RequestFailedError) else None
+            ids = failed.request_ids if failed else list(dict.fromkeys(s.request.request_id for s, _ in sched.scheduled))
+            log.error("a step failed; ending %d request(s): %s", len(ids), exc, exc_info=failed is None)
+            for rid in ids:
+                self.abort_request(rid)
+            raise failed or RequestFailedError(ids, exc) from exc
         self.scheduler.update_from_output(sched, sampled.tokens)
         return self.output_processor.process(sched, sampled)
 

@@ -36,7 +36,7 @@ class OutputProcessor:
             seq.logprobs.append(top_logprobs_dict(token, lp, sampled.ranks[j], sampled.top_ids[j],
                                                   sampled.top_logprobs[j], decode))  # fmt: skip
         touched: dict[str, list[Sequence]] = {}
-        for seq, _ in sched.sample:
+        for seq, _ in [*sched.sample, *((s, None) for s in sched.truncated)]:
             touched.setdefault(seq.request.request_id, []).append(seq)
         return [self._delta(seqs[0].request, seqs) for seqs in touched.values()]
 

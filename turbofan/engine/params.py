@@ -102,6 +102,10 @@ class SamplingParams:
             bad("structured output with beam search is not supported.")
         if self.use_beam_search and self.best_of < 2 and self.n < 2:
             bad("beam search needs a beam width (best_of or n) of at least 2.")
+        if self.use_beam_search and self.beam_width > 10:  # each step asks for 2 x width logprobs, at most 20
+            bad(f"best_of must be at most 10 with beam search (the beam width), got {self.beam_width}.")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:
+            bad(f"seed must be a 64-bit integer (below 2**63), got {self.seed}.")
 
     @property
     def greedy(self) -> bool:

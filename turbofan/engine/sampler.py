@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from turbofan.engine.constraints import GrammarMasks
+from turbofan.engine.errors import RequestFailedError
 from turbofan.engine.input_batch import Penalties, SamplingBatch
 from turbofan.engine.outputs import Logprob
 
@@ -90,7 +91,13 @@ class Sampler:
         for i in rows:
             seq = batch.seqs[i]
             outputs = seq.output_token_ids
-            for proc in [*seq.request.params.logits_processors, *self.logits_processors]:
+            own = seq.request.params.logits_processors
+            try:  # a request's own processor that raises ends that request only
+                for proc in own:
+                    logits[i] = proc(outputs, logits[i])
+            except Exception as exc:
+                raise RequestFailedError([seq.request.request_id], exc) from exc
+            for proc in self.logits_processors:
                 logits[i] = proc(outputs, logits[i])
 
     @staticmethod

@@ -3,7 +3,9 @@
 Each step has a token budget. Running sequences go first (a decode costs one token, an unfinished prefill
 takes what the budget leaves), so a long prompt arriving never stalls the streams already running: it is
 prefilled in chunks across steps. When the KV cache runs out, the newest running sequence is preempted and
-recomputed later (vLLM's recompute policy).
+recomputed later (vLLM's recompute policy). A sequence that cannot continue even with the whole cache to itself
+(possible only with an oversized context; `default_max_model_len` caps it to the cache) finishes with "length"
+instead of stopping the engine.
 
 `schedule()` also lays out which rows of the step need logits (the last token of a finished prefill, every
 prompt position whose logprobs were asked for) and which sequence samples from which row; an n > 1 request forks
@@ -41,6 +43,7 @@ class SchedulerOutput:
     prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block pairs
     preempted: list[Sequence] = field(default_factory=list)
+    truncated: list[Sequence] = field(default_factory=list)  # ended "length": the KV cache cannot hold them
     finished: list[Sequence] = field(default_factory=list)  # finished or aborted since the previous schedule
 
     @property
@@ -153,12 +156,13 @@ class Scheduler:
             if not self.blocks.allocate(seq, seq.num_computed_tokens + n, out.copies):
                 self.blocks.release(seq)  # give back the prefix blocks it was about to share
                 seq.num_computed_tokens = 0
-                if not self.running:  # nothing will ever free blocks: fail loudly rather than spin
-                    raise MemoryError(
-                        f"a sequence of {seq.num_tokens} tokens does not fit in the KV cache "
-                        f"({self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens)"
-                    )
-                return
+                if self.running:  # blocks free up as running sequences finish
+                    return
+                seq.finish_reason = "length"  # alone and still too long: nothing will ever free blocks for it
+                self.finish(seq)
+                self._end_request(seq.request, time.time())
+                out.truncated.append(seq)
+                continue
             self.blocks.count_prefix_lookup(seq.num_tokens, hit)
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.num_cached_tokens = hit
@@ -244,7 +248,13 @@ class Scheduler:
                 seq.finish_reason = "length"
             if seq.finish_reason is not None:
                 self.finish(seq)
-                if request.finished and self.requests.pop(request.request_id, None) is not None:
-                    metrics.finished_time = now
+                if self._end_request(request, now):
                     finished.append(request)
         return finished
+
+    def _end_request(self, request: Request, now: float) -> bool:
+        """Forget a request whose sequences have all finished; True if it just ended."""
+        if request.finished and self.requests.pop(request.request_id, None) is not None:
+            request.metrics.finished_time = now
+            return True
+        return False

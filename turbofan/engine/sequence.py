@@ -48,7 +48,7 @@ class Sequence:
         # bookkeeping of the components that keep state across steps
         self.slot: int | None = None  # row of the InputBatch's per-slot tensors while the sequence is live
         self.num_synced_blocks = 0  # block-table entries the InputBatch has copied (the block manager resets it)
-        self.block_hashes: list[int] = []  # prefix-cache chain of its full blocks, extended as tokens arrive
+        self.block_hashes: list[bytes] = []  # prefix-cache chain of its full blocks, extended as tokens arrive
         self.num_committed_blocks = 0  # blocks already registered in the prefix cache
         self.num_sent_tokens = 0  # what the output processor has emitted
         self.num_sent_chars = 0

@@ -20,8 +20,10 @@ from fastapi.responses import JSONResponse, Response
 
 import turbofan
 from turbofan.server import ollama_api, openai_api
-from turbofan.server.errors import CatchAllMiddleware, error_body, install_error_handlers
+from turbofan.server.errors import APIError, CatchAllMiddleware, error_body, install_error_handlers
 from turbofan.server.pages import install_pages, is_open_path
+from turbofan.server.guard import RequestGuard
+from turbofan.server.openapi import install_openapi
 from turbofan.server.serving import ClientDisconnected, ServerContext
 from turbofan.server.settings import ServerSettings
 from turbofan.server.state import EngineSource, EngineState
@@ -123,19 +125,25 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
             return JSONResponse({"methods": table})
 
         @app.post("/debug/profile/torch")
-        async def debug_profile_torch(steps: int = 8) -> JSONResponse:
-            """Record the next `steps` engine steps with torch.profiler: top ops by self time, and a Chrome trace."""
+        async def debug_profile_torch(steps: int = 8, timeout: float = 10.0) -> JSONResponse:
+            """Record the next `steps` engine steps with torch.profiler (or those within `timeout` seconds): top ops
+            by self time, and a Chrome trace."""
             if not 1 <= steps <= 1000:
-                return JSONResponse({"error": f"steps must be between 1 and 1000, got {steps}"}, status_code=400)
+                raise APIError(400, f"steps must be between 1 and 1000, got {steps}", param="steps")
+            if not 0 < timeout <= 300:
+                raise APIError(400, f"timeout must be in (0, 300] seconds, got {timeout}", param="timeout")
             client = await state.wait()
             trace = os.path.join(tempfile.gettempdir(), f"turbofan-trace-{int(time.time())}.json")
-            return JSONResponse(await client.profile_torch(steps, trace))
+            return JSONResponse(await client.profile_torch(steps, trace, timeout))
 
     install_pages(app)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    install_openapi(app)
 
-    if settings.api_key:
+    app.add_middleware(RequestGuard, ctx=ctx, max_body_bytes=settings.max_request_bytes,
+                       body_timeout=settings.body_timeout)  # fmt: skip
+    if settings.api_key:  # outside the guard: a caller without the key never gets a body read
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(CORSMiddleware, **settings.cors_options())

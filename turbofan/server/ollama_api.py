@@ -106,6 +106,17 @@ class NameRequest(OllamaModel):
             raise bad_request("model is required")
         return target
 
+    @property
+    def model_name(self) -> str:
+        """The target, which must be a model name (family[:tag] or org/name): never a path on the server's disk,
+        whose existence the answer would otherwise reveal."""
+        from turbofan.store.names import is_hub_name, is_model_name
+
+        target = self.target.strip()
+        if not (is_model_name(target) or is_hub_name(target)):
+            raise bad_request(f"invalid model name {target!r}: use family[:tag] or org/name")
+        return target
+
 
 def ctx_of(request: Request) -> ServerContext:
     return request.app.state.ctx
@@ -356,7 +367,7 @@ async def generate(body: GenerateRequest, request: Request):
     if not body.prompt and not body.context:
         return JSONResponse(_load_response(body.model, body.keep_alive, chat=False))
     k = _logprobs_k(body.logprobs, body.top_logprobs)
-    prompt_ids = generate_prompt(body, client, ctx.settings.chat_template)
+    prompt_ids = await asyncio.to_thread(generate_prompt, body, client, ctx.settings.chat_template)
     params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k, body.format)
     request_id = f"ollama-gen-{int(started * 1e6):x}-{id(body):x}"
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.generate"))
@@ -394,8 +405,12 @@ async def chat(body: ChatRequest, request: Request):
     tools = ToolRequest.parse(body.tools, choice)
     template = chat_template_source(client.tokenizer, ctx.settings.chat_template)
     messages, kwargs = prepare_messages([_chat_message(m) for m in body.messages], tools, template_supports_tools(template))
-    text = _render_chat(client, messages, ctx.settings.chat_template, **kwargs)
-    prompt_ids = client.tokenizer.encode(text, add_special_tokens=False)
+
+    def tokenize_messages() -> list[int]:  # off the event loop, like every tokenization
+        text = _render_chat(client, messages, ctx.settings.chat_template, **kwargs)
+        return client.tokenizer.encode(text, add_special_tokens=False)
+
+    prompt_ids = await asyncio.to_thread(tokenize_messages)
     parser = ctx.tool_parser if tools is not None else None
     fmt = body.format
     if tools is not None and tools.forced:
@@ -520,7 +535,7 @@ async def show(body: NameRequest, request: Request) -> dict:
     ctx = ctx_of(request)
     name = body.target
     serving = ctx.accepts(name) and ctx.client is not None
-    info = await served_info(ctx) if serving else await _store_call(ctx.store.show, name)
+    info = await served_info(ctx) if serving else await _store_call(ctx.store.show, body.model_name)
     entry = info.entry
     family = entry.family or entry.model_type or "unknown"
     template = info.chat_template or ""
@@ -558,14 +573,15 @@ async def show(body: NameRequest, request: Request) -> dict:
 async def pull(body: NameRequest, request: Request):
     """Ollama's pull: NDJSON progress events ({"status", "completed", "total"}) straight from the store."""
     ctx = ctx_of(request)
-    name = body.target
+    name = body.model_name
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict] = asyncio.Queue()
 
     def report(event: dict) -> None:  # called on the store's worker thread
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    task = asyncio.create_task(_store_call(ctx.store.pull, name, progress=report if body.stream else False))
+    progress = report if body.stream else False
+    task = asyncio.create_task(_store_call(ctx.store.pull, name, progress=progress, allow_paths=False))
     if not body.stream:
         resolved = await task
         return {"status": "success", "digest": getattr(resolved, "digest", "")}
@@ -601,7 +617,7 @@ async def pull(body: NameRequest, request: Request):
 @router.delete("/api/delete")
 async def delete(body: NameRequest, request: Request):
     ctx = ctx_of(request)
-    await _store_call(ctx.store.remove, body.target)
+    await _store_call(ctx.store.remove, body.model_name)
     return Response(status_code=200)
 
 

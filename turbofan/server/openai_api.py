@@ -259,14 +259,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     template_kwargs.update(body.chat_template_kwargs or {})
     if body.continue_final_message:
         template_kwargs["continue_final_message"] = True
-    prompt = render_chat(
-        client,
-        messages,
-        body.chat_template or ctx.settings.chat_template,
-        add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
-        **template_kwargs,
-    )
-    prompt_ids = client.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
+
+    def tokenize_messages() -> list[int]:  # off the event loop: a long prompt must not stall other requests
+        prompt = render_chat(
+            client,
+            messages,
+            body.chat_template or ctx.settings.chat_template,
+            add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+            **template_kwargs,
+        )
+        return client.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
+
+    prompt_ids = await asyncio.to_thread(tokenize_messages)
     k = (body.top_logprobs or 0) if body.logprobs else None
     parser = ctx.tool_parser if tools is not None else None
     forced = None
@@ -442,7 +446,7 @@ async def completions(body: CompletionRequest, request: Request):
         raise bad_request("suffix is not supported", "suffix")
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:
         raise bad_request(f"logprobs must be between 0 and 20, got {body.logprobs}", "logprobs")
-    prompts, texts = completion_prompts(body, client.tokenizer)
+    prompts, texts = await asyncio.to_thread(completion_prompts, body, client.tokenizer)
     echo_only = body.echo and body.max_tokens == 0  # lm-eval's loglikelihood: prompt logprobs, no generation
     max_tokens = 1 if echo_only else body.max_tokens
     want_prompt_lp = body.logprobs if body.echo and body.logprobs is not None else body.prompt_logprobs
@@ -587,16 +591,19 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     tokenizer = client.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
-    if body.messages is not None:
-        text = render_chat(
-            client,
-            _message_dicts(body.messages),
-            ctx.settings.chat_template,
-            add_generation_prompt=body.add_generation_prompt,
-        )
-        tokens = tokenizer.encode(text, add_special_tokens=False)
-    else:
-        tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+
+    def encode() -> list[int]:
+        if body.messages is not None:
+            text = render_chat(
+                client,
+                _message_dicts(body.messages),
+                ctx.settings.chat_template,
+                add_generation_prompt=body.add_generation_prompt,
+            )
+            return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+
+    tokens = await asyncio.to_thread(encode)
     strs = [tokenizer.decode_token(t) for t in tokens] if body.return_token_strs else None
     return {"count": len(tokens), "max_model_len": client.info.max_model_len, "tokens": tokens, "token_strs": strs}
 

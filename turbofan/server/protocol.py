@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -31,10 +31,10 @@ class SamplingFields(OpenAIModel):
     """The sampling parameters shared by chat and completions: OpenAI's plus vLLM's extra-body fields."""
 
     model: str | None = None
-    n: int = 1
-    best_of: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    n: int = Field(1, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's ranges
+    top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = None
     min_p: float | None = None
     presence_penalty: float | None = None
@@ -43,7 +43,7 @@ class SamplingFields(OpenAIModel):
     repeat_last_n: int | None = None
     length_penalty: float = 1.0
     use_beam_search: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -51,7 +51,7 @@ class SamplingFields(OpenAIModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     prompt_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -64,9 +64,16 @@ class TextContentPart(OpenAIModel):
 
 
 class ChatMessage(OpenAIModel):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        """Only an assistant message (one that calls tools) may leave its content out, as in OpenAI's API."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):

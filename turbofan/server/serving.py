@@ -28,6 +28,7 @@ from turbofan.engine import (
     RequestOutput,
     SamplingParams,
 )
+from turbofan.engine.errors import RequestFailedError
 from turbofan.server.errors import APIError
 from turbofan.server.metrics import ServerMetrics
 from turbofan.server.settings import ServerSettings
@@ -49,6 +50,8 @@ class ServerContext:
     started_at: float = field(default_factory=time.time)
     _store: Any = None
     _served_info: Any = None  # the store's description of the served model (ollama_api.served_info)
+    draining: bool = False  # SIGTERM arrived: new requests get 503 while running ones finish (guard.py)
+    active_requests: int = 0  # requests the guard let through and that have not ended
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.state, lambda: self.model_name)
@@ -125,8 +128,14 @@ def make_params(**kwargs: Any) -> SamplingParams:
     """SamplingParams from request fields; its own validation messages become 400s."""
     try:
         return SamplingParams(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc)) from None
+    except (ValueError, TypeError) as exc:  # its messages start with the field's name: that is OpenAI's `param`
+        name = str(exc).split(" ", 1)[0]
+        raise APIError(400, str(exc), param=name if name in SamplingParams.__dataclass_fields__ else None) from None
+
+
+def request_failed(exc: RequestFailedError) -> APIError:
+    """The engine ended this request after an error while serving it (the server and other requests go on)."""
+    return APIError(500, f"the request failed while it was being served: {exc}", code="request_failed")
 
 
 class Generation:
@@ -169,6 +178,8 @@ class Generation:
             raise APIError(503, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
         except EngineDeadError as exc:
             raise APIError(503, str(exc), code="engine_dead") from None
+        except RequestFailedError as exc:
+            raise request_failed(exc) from None
         self._observe(self.first)
 
     def _observe(self, delta: RequestDelta) -> None:
@@ -193,6 +204,8 @@ class Generation:
                 yield delta
         except EngineDeadError as exc:
             raise APIError(503, str(exc), code="engine_dead") from None
+        except RequestFailedError as exc:
+            raise request_failed(exc) from None
         finally:
             await self.close()
 

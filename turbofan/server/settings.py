@@ -18,7 +18,12 @@ class ServerSettings:
     stats_interval: float = 10.0  # seconds between engine-stats log lines; 0 turns them off
     models_dir: str | None = None  # the model store (for /api/tags, /api/pull, ...); None: its default
     tool_call_parser: str | None = None  # None: hermes (server/tools.py)
-    debug_endpoints: bool = True  # GET /debug/engine (KV blocks, queues) for tests and operators
+    debug_endpoints: bool = False  # /debug/* (KV blocks, queues, profiles): only with --enable-debug-endpoints
+    max_request_bytes: int = 8 << 20  # bodies above this are refused with 413 before they are buffered
+    body_timeout: float = 30.0  # seconds a request body may take to arrive (then 408)
+    header_timeout: float = 10.0  # seconds a connection may take to send its request head (then closed)
+    max_connections: int = 1024  # open connections + requests before uvicorn answers 503
+    shutdown_timeout: float = 30.0  # SIGTERM: seconds running requests may take to finish
 
     def cors_options(self) -> dict:
         """Keyword arguments for Starlette's CORSMiddleware."""

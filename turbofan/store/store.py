@@ -31,7 +31,7 @@ from .layout import (
     weights_digest,
 )
 from .manifest import Manifest, read_manifest
-from .names import dirname_for, gguf_import_key, is_hub_name, looks_like_path
+from .names import dirname_for, gguf_import_key, is_hub_name, is_model_name, looks_like_path
 from .progress import Progress
 
 log = logging.getLogger("turbofan.store")
@@ -108,10 +108,16 @@ class ModelStore:
             return self._resolve_path(Path(text).expanduser(), pull_missing=pull_missing, progress=progress)
         raise ModelNotFoundError(self._unknown_message(text))
 
-    def pull(self, name: str, progress: Progress = True, force: bool = False) -> ResolvedModel:
-        """Fetch (and convert) a model into the store; a no-op for one already there unless ``force``."""
+    def pull(
+        self, name: str, progress: Progress = True, force: bool = False, allow_paths: bool = True
+    ) -> ResolvedModel:
+        """Fetch (and convert) a model into the store; a no-op for one already there unless ``force``.
+
+        ``allow_paths=False`` (the server's /api/pull) takes names only: a local file is a CLI-only source."""
         text = str(name).strip()
-        if looks_like_path(text):
+        if not allow_paths and not (is_model_name(text) or is_hub_name(text)):
+            raise StoreError(f"{text!r} is not a model name (family[:tag] or org/name); paths are not accepted here")
+        if allow_paths and looks_like_path(text):
             return self._resolve_path(
                 Path(text).expanduser(), pull_missing=True, progress=progress, force=force
             )
