@@ -29,7 +29,7 @@ REPLY = '[data-role="assistant"]'
 def ui_server(tmp_path_factory) -> Server:
     srv = launch(
         MODEL, tmp_path_factory.mktemp("ui") / "ui-server.log", "--max-model-len", "2048", "--num-kv-blocks", "256",
-        key=KEY,
+        "--enable-debug-endpoints", key=KEY,
     )  # fmt: skip
     yield srv
     srv.stop()

@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse, Response
 import turbofan
 from turbofan.server import ollama_api, openai_api
 from turbofan.server.errors import APIError, CatchAllMiddleware, error_body, install_error_handlers
-from turbofan.server.pages import install_pages, is_open_path
 from turbofan.server.guard import RequestGuard
 from turbofan.server.openapi import install_openapi
+from turbofan.server.pages import install_pages, is_open_path
 from turbofan.server.serving import ClientDisconnected, ServerContext
 from turbofan.server.settings import ServerSettings
 from turbofan.server.state import EngineSource, EngineState
