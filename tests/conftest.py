@@ -84,6 +84,15 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_built():
+    """Build the C++ kernels once, before any test, so the servers and CLIs that tests start as subprocesses find
+    them cached instead of compiling (a minute or more on 2 busy cores) inside their start-up timeouts."""
+    from turbofan import kernels
+
+    kernels.available()
+
+
 @pytest.fixture(scope="session")
 def tmp_root(tmp_path_factory) -> Path:
     """One folder for the shared test server (its chain model and model store), whichever module starts it."""
