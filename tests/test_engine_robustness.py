@@ -134,3 +134,18 @@ def test_a_forced_key_collision_never_shares_blocks(make_llm):
     assert out.outputs[0].token_ids == reference.generate([second], params, use_tqdm=False)[0].outputs[0].token_ids
     again = llm.generate([first + [13]], params, use_tqdm=False)[0]  # same tokens: the only key matches and is used
     assert again.num_cached_tokens > 0
+
+
+def test_device_auto_is_the_cpu_and_a_gpu_is_only_logged(make_llm, monkeypatch, caplog):
+    import torch
+
+    from turbofan.config import EngineConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Test GPU")
+    assert EngineConfig(device="auto").resolved_device == "cpu"
+    assert EngineConfig(device="cuda").resolved_device == "cuda"
+    with caplog.at_level(logging.INFO, logger="turbofan.assembly"):
+        llm = make_llm(device="auto")
+    assert llm.engine.runner.device == "cpu" and llm.engine.model_info().device == "cpu"
+    assert any("Test GPU" in r.getMessage() and "--device cuda" in r.getMessage() for r in caplog.records)

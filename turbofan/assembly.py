@@ -57,6 +57,12 @@ def compile_cache_dir(config: EngineConfig) -> Path:
 
 
 def _runner(config: EngineConfig, model_path: Path) -> ModelRunner:
+    if config.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            log.info("a CUDA GPU is present (%s); --device auto serves on the CPU, pass --device cuda to use it",
+                     torch.cuda.get_device_name(0))  # fmt: skip
     runner_class = ModelRunner
     if config.tensor_parallel_size > 1:
         from functools import partial

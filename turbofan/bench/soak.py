@@ -113,11 +113,13 @@ def _check_status(o: Outcome, response: httpx.Response, want_4xx: bool) -> bool:
     return status == 200
 
 
-async def ordinary(client: httpx.AsyncClient, model: str, rng: random.Random, hang_up: bool) -> Outcome:
+async def ordinary(
+    client: httpx.AsyncClient, model: str, rng: random.Random, hang_up: bool, max_new: int = 64
+) -> Outcome:
     """One of four request shapes; a hang-up streams and closes the connection after a chunk or two."""
     shape = rng.choice(["openai.chat", "openai.completions", "ollama.generate", "ollama.chat"])
     stream = hang_up or rng.random() < 0.5
-    max_tokens = rng.randint(8, 64)
+    max_tokens = rng.randint(max(1, max_new // 4), max_new)
     words = " ".join(rng.choice(["tell", "me", "about", "the", "sea", "sky", "a", "story", "why"]) for _ in range(8))
     messages = [{"role": "user", "content": words}]
     if shape == "openai.chat":
@@ -242,7 +244,7 @@ async def soak(args: argparse.Namespace) -> SoakReport:
                     if kind == "bad":
                         outcome = await bad(client, model, local)
                     else:
-                        outcome = await ordinary(client, model, local, hang_up=kind == "hangup")
+                        outcome = await ordinary(client, model, local, kind == "hangup", args.max_tokens)
                 except httpx.HTTPError as exc:
                     outcome = Outcome(kind, "transport", problem=f"no answer: {exc!r}")
             report.outcomes.append(outcome)
@@ -271,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hangup-fraction", type=float, default=0.10, help="requests that hang up mid-stream")
     p.add_argument("--bad-fraction", type=float, default=0.10, help="requests with bad input")
     p.add_argument("--warmup-fraction", type=float, default=0.10, help="RSS baseline after this share finished")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer (each draws 1/4 to all)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
     p.add_argument("--pid", type=int, default=None, help="the server's process id (default: found by its port)")
     p.add_argument("--seed", type=int, default=0)

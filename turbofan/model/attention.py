@@ -57,11 +57,12 @@ class DenseMetadata:
         b = query_lens.shape[0]
         q = int(query_lens.max())
         c = int(context_lens.max())
-        ctx = torch.arange(c)
+        dev = query_lens.device  # the runner's device: every tensor built here follows it
+        ctx = torch.arange(c, device=dev)
         blocks = block_tables.gather(1, (ctx // block_size).expand(b, c).clamp(max=block_tables.shape[1] - 1))
         gather_slots = blocks * block_size + ctx % block_size
         gather_slots = torch.where(ctx[None, :] < context_lens[:, None], gather_slots, 0)
-        rows = torch.arange(q)
+        rows = torch.arange(q, device=dev)
         valid_q = rows[None, :] < query_lens[:, None]  # [B, Q]
         qpos = (context_lens - query_lens)[:, None] + rows[None, :]
         qpos = torch.where(valid_q, qpos, -1)
@@ -71,8 +72,8 @@ class DenseMetadata:
             scatter = None
         else:
             offsets = torch.cumsum(query_lens, 0) - query_lens
-            seq = torch.repeat_interleave(torch.arange(b), query_lens)
-            scatter = seq * q + (torch.arange(num_tokens) - offsets[seq])
+            seq = torch.repeat_interleave(torch.arange(b, device=dev), query_lens)
+            scatter = seq * q + (torch.arange(num_tokens, device=dev) - offsets[seq])
         dense = cls(gather_slots, scatter, b, q, qpos, ctx, mask[:, None])
         for window in windows:  # built up front: a compiled forward must find them ready
             dense.mask(window)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -21,6 +21,12 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> ForwardBatch:
+        """The same batch with every tensor on `device` (the InputBatch builds it on the host)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ForwardBatch(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                               for k, v in moved.items()})  # fmt: skip
 
     @property
     def is_decode(self) -> bool:

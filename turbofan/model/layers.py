@@ -174,7 +174,7 @@ class CausalLM(nn.Module):
             x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
         rope_of_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for inv, members in self.rope_groups:
-            freqs = positions.to(torch.float32)[:, None] * inv[None, :]
+            freqs = positions.to(torch.float32)[:, None] * inv.to(positions.device)[None, :]
             emb = freqs.cos().to(x.dtype)[:, None, :], freqs.sin().to(x.dtype)[:, None, :]
             rope_of_layer.update(dict.fromkeys(members, emb))
         for i, layer in enumerate(self.layers):

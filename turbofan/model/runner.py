@@ -136,16 +136,19 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [len(batch.logits_indices), vocab] in float32 (the forward function picks its grad mode)."""
-        return self.forward_fn(batch)
+        """Logits [len(batch.logits_indices), vocab] in float32 (the forward function picks its grad mode), on the
+        host: the batch moves to the runner's device and the logits come back to the sampler's."""
+        if self.device == "cpu":
+            return self.forward_fn(batch)
+        return self.forward_fn(batch.to(self.device)).cpu()
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole KV blocks (src -> dst) before a shared block is written."""
         if not pairs:
             return
-        bs = self.block_size
-        offs = torch.arange(bs)
-        src = torch.tensor([s for s, _ in pairs])[:, None] * bs + offs
-        dst = torch.tensor([d for _, d in pairs])[:, None] * bs + offs
+        bs, dev = self.block_size, self.kv_cache.device
+        offs = torch.arange(bs, device=dev)
+        src = torch.tensor([s for s, _ in pairs], device=dev)[:, None] * bs + offs
+        dst = torch.tensor([d for _, d in pairs], device=dev)[:, None] * bs + offs
         self.kv_cache[:, :, dst.flatten()] = self.kv_cache[:, :, src.flatten()]
