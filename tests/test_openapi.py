@@ -28,12 +28,12 @@ def openapi_server(tmp_path_factory):
     srv.stop()
 
 
-def test_schemathesis_finds_no_failure(openapi_server):
+def test_schemathesis_finds_no_failure(openapi_server, tmp_path):
     """Coverage (boundary and negative values) and fuzzing phases, 20 examples per operation: ~1,600 requests."""
     cmd = [SCHEMATHESIS, "run", openapi_server.url + "/openapi.json", "--checks", CHECKS,
            "--exclude-path-regex", "^/api/(pull|delete)$", "--max-examples", "20", "--request-timeout", "60",
            "--phases", "examples,coverage,fuzzing", "--generation-deterministic", "--no-color"]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache goes there
     report = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, report
     assert "Tested: 18" in run.stdout and " passed" in run.stdout, report
