@@ -54,7 +54,8 @@ def snapshot_cost() -> None:
 
 def served_ab(rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        srv = launch("smollm2:135m", Path(tmp) / "server.log", "--max-model-len", "2048", "--num-kv-blocks", "256", key=KEY, ready_timeout=600)
+        flags = ["--max-model-len", "2048", "--num-kv-blocks", "256"]
+        srv = launch("smollm2:135m", Path(tmp) / "server.log", *flags, key=KEY, ready_timeout=600)
         cmd = [sys.executable, "-m", "turbofan.bench.serve", "--base-url", srv.url, "--api-key", KEY, *BENCH, "--json"]
 
         def feed(stop: threading.Event) -> None:
