@@ -134,6 +134,7 @@ def launch(
     probe_loading: bool = False,
     store: Path | None = None,
     module: str = "turbofan.cli",
+    ready_timeout: float = 180,
 ) -> Server:
     """`turbofan serve` in a subprocess; returns once /health says ok. `store`: its TURBOFAN_MODELS; `module`: what
     `python -m` runs (a test's wrapper around turbofan.cli)."""
@@ -148,7 +149,7 @@ def launch(
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path, key)
     atexit.register(server.stop)
-    deadline = time.time() + 180
+    deadline = time.time() + ready_timeout
     prober: threading.Thread | None = None
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -29,7 +29,7 @@ REPLY = '[data-role="assistant"]'
 def ui_server(tmp_path_factory) -> Server:
     srv = launch(
         MODEL, tmp_path_factory.mktemp("ui") / "ui-server.log", "--max-model-len", "2048", "--num-kv-blocks", "256",
-        "--enable-debug-endpoints", key=KEY,
+        "--enable-debug-endpoints", key=KEY, ready_timeout=600,  # a real model: minutes on a loaded 2-core box
     )  # fmt: skip
     yield srv
     srv.stop()

@@ -34,7 +34,8 @@ def main(out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
-        srv = launch(MODEL, Path(tmp) / "server.log", "--max-model-len", "2048", "--num-kv-blocks", "256", key=KEY)
+        flags = ["--max-model-len", "2048", "--num-kv-blocks", "256"]
+        srv = launch(MODEL, Path(tmp) / "server.log", *flags, key=KEY, ready_timeout=600)
         try:
             with sync_playwright() as p:
                 browser = launch_chromium(p)

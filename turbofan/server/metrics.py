@@ -39,25 +39,30 @@ TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 
 
 class RecentSamples:
-    """Raw observations of the last `window` seconds, for live percentiles (the dashboard's TTFT and ITL p50/p95):
-    Prometheus buckets are too coarse for that, and a scraper computes its own quantiles from them anyway."""
+    """Raw observations of the last `window` seconds (at most the newest `maxlen`), for live percentiles: the
+    dashboard's TTFT and ITL p50/p95. Prometheus buckets are too coarse for that, and a scraper computes its own
+    quantiles from them anyway. Bounded so that a snapshot costs well under a millisecond at any load."""
 
-    def __init__(self, window: float = 60.0, maxlen: int = 20_000):
+    def __init__(self, window: float = 60.0, maxlen: int = 4096):
         self.window = window
-        self._samples: deque[tuple[float, float]] = deque(maxlen=maxlen)
+        self._times: deque[float] = deque(maxlen=maxlen)
+        self._values: deque[float] = deque(maxlen=maxlen)
         self._lock = threading.Lock()
 
     def add(self, value: float, count: int = 1) -> None:
         now = time.monotonic()
         with self._lock:
-            self._samples.extend([(now, value)] * count)
+            for _ in range(count):
+                self._times.append(now)
+                self._values.append(value)
 
     def values(self) -> list[float]:
         cutoff = time.monotonic() - self.window
         with self._lock:
-            while self._samples and self._samples[0][0] < cutoff:
-                self._samples.popleft()
-            return [v for _, v in self._samples]
+            while self._times and self._times[0] < cutoff:
+                self._times.popleft()
+                self._values.popleft()
+            return list(self._values)
 
 
 class EngineCollector(Collector):

@@ -14,7 +14,7 @@
   const bytes = (v) => (v >= 2 ** 30 ? `${(v / 2 ** 30).toFixed(2)} GiB` : `${(v / 2 ** 20).toFixed(0)} MiB`);
   const integer = (v) => String(v);
 
-  // name, label, value from a snapshot, format, and whether to plot it.
+  // name, label, value from a snapshot, format (value, snapshot) -> text, and whether to plot it.
   const METRICS = [
     ["requests_running", "Requests running", (s) => s.requests_running, integer, true],
     ["requests_waiting", "Requests waiting", (s) => s.requests_waiting, integer, true],
@@ -25,7 +25,7 @@
     ["itl_p50", "Inter-token latency p50", (s) => s.itl.p50, ms, true],
     ["itl_p95", "Inter-token latency p95", (s) => s.itl.p95, ms, false],
     ["kv_cache_usage", "KV-cache usage", (s) => s.kv_cache_usage, percent, true],
-    ["kv_blocks_free", "KV blocks free", (s) => s.kv_blocks_free, integer, false],
+    ["kv_blocks_free", "KV blocks free", (s) => s.kv_blocks_free, (v, s) => `${v} of ${s.kv_blocks_total}`, false],
     ["prefix_cache_hit_rate", "Prefix-cache hit rate (now)", (s) => s.prefix_cache_hit_rate, percent, false],
     ["prefix_cache_hit_rate_total", "Prefix-cache hit rate (total)", (s) => s.prefix_cache_hit_rate_total, percent, false],
     ["preemptions_total", "Preemptions", (s) => s.preemptions_total, integer, false],
@@ -104,14 +104,13 @@
     ];
     document.querySelector("#tiers tbody").replaceChildren(...rows.map(([k, v]) => el("tr", {}, cell(k), cell(v))));
     document.getElementById("tiers").hidden = rows.length === 0;
-    cards.kv_blocks_free.value.textContent = `${s.kv_blocks_free} of ${s.kv_blocks_total}`;
   }
 
   function show(s) {
     for (const [name, , get, format] of METRICS) {
       const v = get(s);
       const { value } = cards[name];
-      value.textContent = format(v);
+      value.textContent = format(v, s);
       value.dataset.value = v === null || v === undefined ? "" : String(v);
       const points = history[name];
       points.push(v);
