@@ -136,7 +136,7 @@ static void row_chunk(const Chunk& c) {
     }
   }
   if (c.masked) mask_rows(c);
-  const int nv = (n + W - 1) / W * W;  // nc is a multiple of 16: pad the tail with -inf and use whole vectors
+  const int nv = (n + W - 1) & ~(W - 1);  // nc is a multiple of 16: pad the tail with -inf and use whole vectors
   for (int r = 0; r < c.M; ++r) {
     float* sr = c.s + static_cast<size_t>(r) * c.nc;
     for (int j = n; j < nv; ++j) sr[j] = kNegInf;
