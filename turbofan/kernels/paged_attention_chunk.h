@@ -9,15 +9,16 @@
 //     store_half(at::Half*, x)    x rounded to float16, to nearest even (as torch's .half())
 //     round(x)                    to the nearest integer (ties to even)
 //     ldexp_live(y, n, x)         y * 2^n, and exactly 0 in the lanes where x < kExpLow
-//     fold128(x)                  the 128-bit quarters (AVX-512) or halves (AVX2) of x added: lo + hi, halving
+//     fold128(x)                  x's 128-bit parts added down to one __m128 (lo + hi at each halving)
 //     hmax(x)                     the horizontal max
 //     keep_between(lo, hi, p, s, fill)  s in the lanes where lo[i] <= p <= hi[i] (W int32 each), fill elsewhere
 //     kRowPvVecs                  vectors of a row the row form's P.V keeps in registers at once
 //     kQkKeys[MV], kPvDims[MV]    the lanes form's register blocking at MV vectors of query lanes (keys per
 //                                 pass of Q.K, output dims per pass of P.V)
 //     kLanesHalf                  whether the lanes form reads a float16 cache in place (else staged rows)
-// Each ISA's kernels do the same operations in the same order as they did when written out per ISA, so their
-// results are unchanged; the widths differ only where a horizontal sum folds the lanes.
+// Each ISA's kernels do the same operations in the same order as they did when written out per ISA (their
+// results are bitwise unchanged). AVX-512 and AVX2 differ from each other in summation order only: a dot
+// product's partial sums run in W lanes before the horizontal sum.
 
 struct Vec : Isa {
   using Isa::load;
@@ -136,7 +137,7 @@ static void row_chunk(const Chunk& c) {
     }
   }
   if (c.masked) mask_rows(c);
-  const int nv = (n + W - 1) / W * W;  // nc is a multiple of 16: pad the tail with -inf and use whole vectors
+  const int nv = (n + W - 1) & ~(W - 1);  // nc is a multiple of 16: pad the tail with -inf and use whole vectors
   for (int r = 0; r < c.M; ++r) {
     float* sr = c.s + static_cast<size_t>(r) * c.nc;
     for (int j = n; j < nv; ++j) sr[j] = kNegInf;

@@ -18,24 +18,12 @@ static inline int32_t quad_bits(const int8_t* p) {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+#define TF_MM(name) _mm256_##name          // the intrinsics both widths spell alike (see quant_matmul_tile.h)
+#define TF_SI(name) _mm256_##name##_si256  // and those named by their integer width
 constexpr int kLanes = 8, kRows = 4, kQ8Bias = 0;
 using VI = __m256i;
 using VF = __m256;
-static inline VI vi_zero() { return _mm256_setzero_si256(); }
-static inline VF vf_zero() { return _mm256_setzero_ps(); }
-static inline VI vi_load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 static inline VF vf_load_half(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-static inline VI load_quad(const int8_t* p) { return _mm256_set1_epi32(quad_bits(p)); }
-static inline VI vi_and(VI a, VI b) { return _mm256_and_si256(a, b); }
-static inline VI vi_set1_8(char v) { return _mm256_set1_epi8(v); }
-static inline VI vi_srli16(VI a, int s) { return _mm256_srli_epi16(a, s); }
-static inline VI vi_slli32(VI a, int s) { return _mm256_slli_epi32(a, s); }
-static inline VI vi_sub32(VI a, VI b) { return _mm256_sub_epi32(a, b); }
-static inline VF vi_to_f(VI a) { return _mm256_cvtepi32_ps(a); }
-static inline VF vf_set1(float v) { return _mm256_set1_ps(v); }
-static inline VF vf_mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
-static inline VF vf_fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
-static inline void vf_store(float* p, VF v) { _mm256_storeu_ps(p, v); }
 static inline VI dot_q4(VI acc, VI w, VI x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
@@ -45,36 +33,28 @@ static inline VI dot_q8(VI acc, VI w, VI x) {  // |w| times x with w's sign: uns
 }
 #include "quantize_rows.h"
 #include "quant_matmul_tile.h"
+#undef TF_SI
+#undef TF_MM
 }  // namespace avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace avx512 {
+#define TF_MM(name) _mm512_##name
+#define TF_SI(name) _mm512_##name##_si512
 constexpr int kLanes = 16, kRows = 8, kQ8Bias = 1;
 using VI = __m512i;
 using VF = __m512;
-static inline VI vi_zero() { return _mm512_setzero_si512(); }
-static inline VF vf_zero() { return _mm512_setzero_ps(); }
-static inline VI vi_load(const uint8_t* p) { return _mm512_loadu_si512(p); }
 static inline VF vf_load_half(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-static inline VI load_quad(const int8_t* p) { return _mm512_set1_epi32(quad_bits(p)); }
-static inline VI vi_and(VI a, VI b) { return _mm512_and_si512(a, b); }
-static inline VI vi_set1_8(char v) { return _mm512_set1_epi8(v); }
-static inline VI vi_srli16(VI a, int s) { return _mm512_srli_epi16(a, s); }
-static inline VI vi_slli32(VI a, int s) { return _mm512_slli_epi32(a, s); }
-static inline VI vi_sub32(VI a, VI b) { return _mm512_sub_epi32(a, b); }
-static inline VF vi_to_f(VI a) { return _mm512_cvtepi32_ps(a); }
-static inline VF vf_set1(float v) { return _mm512_set1_ps(v); }
-static inline VF vf_mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
-static inline VF vf_fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
-static inline void vf_store(float* p, VF v) { _mm512_storeu_ps(p, v); }
 static inline VI dot_q4(VI acc, VI w, VI x) { return _mm512_dpbusd_epi32(acc, w, x); }
 static inline VI dot_q8(VI acc, VI w, VI x) {  // (x + 128) unsigned times signed w: the dot plus 128 * sum(w)
   return _mm512_dpbusd_epi32(acc, _mm512_xor_si512(x, _mm512_set1_epi8(static_cast<char>(0x80))), w);
 }
 #include "quantize_rows.h"
 #include "quant_matmul_tile.h"
+#undef TF_SI
+#undef TF_MM
 }  // namespace avx512
 #pragma GCC pop_options
 

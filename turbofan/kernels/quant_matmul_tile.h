@@ -2,15 +2,31 @@
 // `#pragma GCC target(...)` region and its own namespace. Before including, the includer defines:
 //   kLanes                        int32/float lanes of a vector (8 for AVX2, 16 for AVX-512)
 //   VI, VF                        the integer and float vector types
-//   vi_load(p), vf_load_half(p)   load kLanes*4 bytes / kLanes float16 values (converted to float)
+//   TF_MM(name), TF_SI(name)      the intrinsic `name` at this width (_mm512_##name, _mm512_##name##_si512 or
+//                                 the _mm256 ones): the vi_* / vf_* helpers below are written once with them
+//   vf_load_half(p)               kLanes float16 values, converted to float
 //   dot_q4(acc, w, x4)            acc += 4-byte dots of unsigned 4-bit codes w and the broadcast int8 quad x4
 //   dot_q8(acc, w, x4)            the same for signed 8-bit codes (VNNI: returns the dot + 128 * sum(w))
 //   kQ8Bias                       1 when dot_q8 adds 128 * sum(w) (the wsum correction applies), else 0
-//   vf_* / vi_*                   the few arithmetic helpers used below
 // and includes quantize_rows.h.
 // Lanes are output channels: each output's block dot is an exact int32, then one float FMA per block, in block
 // order. That order does not depend on the vector width, the row tile or the batch, so every path (AVX2,
 // AVX-512, scalar) gives bit-identical results and a row's output never depends on its batch mates.
+
+static inline VI vi_zero() { return TF_SI(setzero)(); }
+static inline VI vi_load(const uint8_t* p) { return TF_SI(loadu)(reinterpret_cast<const VI*>(p)); }  // kLanes*4 bytes
+static inline VI vi_and(VI a, VI b) { return TF_SI(and)(a, b); }
+static inline VI vi_set1_8(char v) { return TF_MM(set1_epi8)(v); }
+static inline VI vi_srli16(VI a, int s) { return TF_MM(srli_epi16)(a, s); }
+static inline VI vi_slli32(VI a, int s) { return TF_MM(slli_epi32)(a, s); }
+static inline VI vi_sub32(VI a, VI b) { return TF_MM(sub_epi32)(a, b); }
+static inline VI load_quad(const int8_t* p) { return TF_MM(set1_epi32)(quad_bits(p)); }  // 4 int8 in every lane
+static inline VF vi_to_f(VI a) { return TF_MM(cvtepi32_ps)(a); }
+static inline VF vf_zero() { return TF_MM(setzero_ps)(); }
+static inline VF vf_set1(float v) { return TF_MM(set1_ps)(v); }
+static inline VF vf_mul(VF a, VF b) { return TF_MM(mul_ps)(a, b); }
+static inline VF vf_fmadd(VF a, VF b, VF c) { return TF_MM(fmadd_ps)(a, b, c); }
+static inline void vf_store(float* p, VF v) { TF_MM(storeu_ps)(p, v); }
 
 // MR activation rows against kLanes output channels (one lane group of a 16-row panel), over all K blocks.
 template <int MR, bool Q4>
