@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import time
 
 log = logging.getLogger("turbofan.replicas")
@@ -173,6 +174,10 @@ def _deployment(num_replicas: int, threads: int):
     return TurbofanReplica
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_replicas(config, settings, host: str, port: int, replicas: int, address: str | None, threads: int) -> int:
     """Start (or join) Ray, deploy `replicas` turbofan replicas behind Ray Serve's proxy on host:port, and block."""
     import ray
@@ -188,6 +193,7 @@ def serve_replicas(config, settings, host: str, port: int, replicas: int, addres
     app = _deployment(replicas, threads).bind(config, settings, threads)
     log.info("turbofan replicas", extra={"replicas": replicas, "host": host, "port": port, "ray": address or "local"})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, Kubernetes: shut down as on Ctrl+C
     try:
         while True:
             time.sleep(3600)
