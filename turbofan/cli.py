@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request head")
     s.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request body (then 408)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="SIGTERM: seconds running requests get")
+    s.add_argument("--replicas", type=int, default=None, help="engines as Ray Serve replicas (needs turbofan[ray])")
+    s.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' after `ray start`)")
+    s.add_argument("--replica-threads", type=int, default=None, help="torch threads per replica (default: cores/N)")
     _engine_flags(s)
 
     r = sub.add_parser("run", help="chat with a model in this terminal (or answer one prompt)")
@@ -219,6 +222,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
     )
 
+    if args.replicas is not None or args.ray_address:
+        return _serve_replicas(args, config, settings)
+
     def load():
         from turbofan.assembly import build_engine
 
@@ -245,6 +251,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if report is not None:
         print(report)  # seed 002: the per-method table when the server stops
     return 1 if server.engine_died else 0
+
+
+def _serve_replicas(args: argparse.Namespace, config, settings) -> int:
+    try:
+        from turbofan.distributed.replicas import serve_replicas
+    except ImportError as e:  # pragma: no cover - depends on the extra
+        print(f"--replicas needs Ray Serve: pip install 'turbofan[ray]' ({e})", file=sys.stderr)
+        return 2
+    if args.replicas is not None and args.replicas < 1:
+        print("--replicas must be at least 1", file=sys.stderr)
+        return 2
+    replicas = args.replicas or 1
+    threads = args.replica_threads or max(1, len(os.sched_getaffinity(0)) // replicas)
+    return serve_replicas(config, settings, args.host, args.port, replicas, args.ray_address, threads)
 
 
 # -- run ----------------------------------------------------------------------------------------------------------
