@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -127,6 +128,21 @@ def test_hermes_text_without_calls_and_broken_calls_stay_content():
     broken = "<tool_call>not json</tool_call>"
     content, calls = parser.parse(broken)
     assert calls == [] and content == broken
+
+
+def test_engine_forks_reject_and_free_without_leaks(make_llm):
+    """Offline, tiny random model: n > 1 forks each follow the grammar, a bad spec fails alone, no KV leak."""
+    from turbofan import SamplingParams
+    from turbofan.engine.constraints import StructuredOutput
+
+    llm = make_llm("llama")
+    regex = StructuredOutput("regex", r"(ab|cd){2,4}")
+    outs = llm.generate(["hello"], SamplingParams(n=6, temperature=1.0, seed=1, max_tokens=12, structured=regex))
+    texts = [c.text for c in outs[0].outputs]
+    assert len(texts) == 6 and all(re.fullmatch(r"(ab|cd){2,4}", t) for t in texts), texts
+    with pytest.raises(ValueError, match="invalid JSON schema"):
+        llm.generate(["hello"], SamplingParams(structured=StructuredOutput("json", '{"type": "nope"}')))
+    assert llm.engine.grammars.compiled_total == 1  # compiled once for six sequences
 
 
 # == OpenAI: response_format and structured_outputs =============================================================

@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("ps", help="the model a running server has loaded")
     ps.add_argument("--url", default=None, help="server base URL (default $TURBOFAN_HOST or 127.0.0.1:8000)")
 
-    b = sub.add_parser("bench", help="benchmarks: `bench serve` (HTTP load), `bench offline` (engine), `bench soak`")
-    b.add_argument("kind", choices=["serve", "offline", "soak"])
+    b = sub.add_parser("bench", help="benchmarks: `bench serve` (HTTP load), `bench offline` (engine), `bench soak`, "
+                       "`bench structured` (JSON-schema cost)")  # fmt: skip
+    b.add_argument("kind", choices=["serve", "offline", "soak", "structured"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="see `turbofan bench serve --help`")
     return parser
 
@@ -535,6 +536,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from turbofan.bench import serve as bench
     elif args.kind == "soak":
         from turbofan.bench import soak as bench  # careless and hostile clients against a running server
+    elif args.kind == "structured":
+        from turbofan.bench import structured as bench
     else:
         from turbofan.bench import offline as bench  # the engine's benchmark, no HTTP
     return int(bench.main(args.args) or 0)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from turbofan.engine.constraints import GrammarMasks
+from turbofan.engine.constraints import GrammarMasks, narrow_top_k
 from turbofan.engine.errors import RequestFailedError
 from turbofan.engine.input_batch import Penalties, SamplingBatch
 from turbofan.engine.outputs import Logprob
@@ -61,7 +61,8 @@ class Sampler:
         raw = logits[batch.logprob_rows].log_softmax(-1) if batch.logprob_rows else None
         if batch.constrained_rows:  # before everything else, so penalties and bias cannot revive a banned token
             rows = batch.constrained_rows
-            self.grammar_masks.apply(logits, [batch.seqs[i].constraint for i in rows], rows)
+            allowed = self.grammar_masks.apply(logits, [batch.seqs[i].constraint for i in rows], rows)
+            narrow_top_k(batch, rows, allowed)
         if batch.penalties is not None:
             _penalise(logits, batch.penalties)
         if batch.banned:
