@@ -1,4 +1,4 @@
-"""The `turbofan` command: Ollama's verbs (serve, run, pull, list, ps, rm, show) plus `bench`.
+"""The `turbofan` command: Ollama's verbs (serve, run, pull, list, ps, rm, cp, create, show) plus `bench`.
 
 Flags use vLLM's spelling where vLLM has one. Environment: TURBOFAN_HOST (`host`, `host:port` or a URL),
 TURBOFAN_API_KEY, TURBOFAN_ORIGINS (comma-separated), TURBOFAN_MODELS (the model store). The server listens on
@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, default=None, help="engines as Ray Serve replicas (needs turbofan[ray])")
     s.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' after `ray start`)")
     s.add_argument("--replica-threads", type=int, default=None, help="torch threads per replica (default: cores/N)")
+    s.add_argument("--max-loaded-models", type=int, default=3, help="models loaded at once (others load on demand)")
+    s.add_argument(
+        "--memory-budget", default=None, help="memory for loaded models: '8GiB', or a fraction of free RAM (default 0.8)"
+    )
+    s.add_argument(
+        "--keep-alive",
+        default=os.environ.get("TURBOFAN_KEEP_ALIVE", "5m"),
+        help="how long an on-demand model stays loaded after its last request ('5m', seconds, -1 = forever)",
+    )
     _engine_flags(s)
 
     r = sub.add_parser("run", help="chat with a model in this terminal (or answer one prompt)")
@@ -134,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("show", "describe a model")):  # fmt: skip
         p = sub.add_parser(name, help=text)
         p.add_argument("name")
+    cp = sub.add_parser("cp", help="copy a model in the store under another name")
+    cp.add_argument("source")
+    cp.add_argument("destination")
+    cr = sub.add_parser("create", help="create a named variant of a local model from a Modelfile")
+    cr.add_argument("name")
+    cr.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (FROM, PARAMETER, SYSTEM, TEMPLATE)")
     sub.add_parser("list", aliases=["ls"], help="list the models in the store")
     ps = sub.add_parser("ps", help="the model a running server has loaded")
     ps.add_argument("--url", default=None, help="server base URL (default $TURBOFAN_HOST or 127.0.0.1:8000)")
@@ -185,11 +200,34 @@ def engine_config(args: argparse.Namespace, served_name: str | None = None):
     )
 
 
+def engine_factory(config):
+    """How the server builds a model other than the one it started with: the same engine flags, another model
+    directory; an encoder (BERT family) becomes an embedding engine. Returns the source, its kind and its memory
+    estimate (see turbofan/server/manager.py)."""
+    import dataclasses
+
+    from turbofan.model.footprint import estimate, is_encoder
+
+    def build(path: Path, name: str):
+        footprint = estimate(path, config)
+        if is_encoder(path):
+            from turbofan.engine.embedding import EmbeddingEngine
+
+            return EmbeddingEngine(path, name), "embedding", footprint
+        from turbofan.assembly import build_engine
+
+        variant = dataclasses.replace(config, model=str(path), served_model_name=name)
+        return (lambda: build_engine(variant)), "completion", footprint
+
+    return build
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
 
+    from turbofan.config import parse_memory
     from turbofan.server import ServerSettings, create_app
     from turbofan.server.guard import header_timeout_protocol
     from turbofan.server.lifecycle import GracefulServer
@@ -221,6 +259,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         header_timeout=args.header_timeout,
         max_connections=args.max_connections,
         shutdown_timeout=args.shutdown_timeout,
+        max_loaded_models=args.max_loaded_models,
+        memory_budget_bytes=parse_memory(args.memory_budget or 0.8),
+        keep_alive=args.keep_alive,
     )
 
     if args.replicas is not None or args.ray_address:
@@ -231,7 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return build_engine(config)
 
-    app = create_app(load, settings)
+    app = create_app(load, settings, engine_factory(config))
     log.info(
         "turbofan serving",
         extra={"model": args.model, "host": args.host, "port": args.port, "auth": bool(settings.api_key)},
@@ -473,6 +514,21 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cp(args: argparse.Namespace) -> int:
+    _store().copy(args.source, args.destination)
+    print(f"copied '{args.source}' to '{args.destination}'")
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from turbofan.store.modelfile import parse_modelfile
+
+    modelfile = parse_modelfile(Path(args.file).read_text(encoding="utf-8"))
+    _store().copy(modelfile.from_, args.name, modelfile.to_dict())
+    print(f"created '{args.name}' from '{modelfile.from_}'")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     info = _store().show(args.name)
     e = info.entry
@@ -551,6 +607,8 @@ COMMANDS = {
     "ls": cmd_list,
     "ps": cmd_ps,
     "rm": cmd_rm,
+    "cp": cmd_cp,
+    "create": cmd_create,
     "show": cmd_show,
     "bench": cmd_bench,
 }

@@ -19,14 +19,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 import turbofan
-from turbofan.server import ollama_api, openai_api
+from turbofan.server import embeddings_api, ollama_api, openai_api, variants
 from turbofan.server.errors import APIError, CatchAllMiddleware, error_body, install_error_handlers
 from turbofan.server.guard import RequestGuard
+from turbofan.server.manager import EngineFactory, LeaseMiddleware, ModelManager
 from turbofan.server.openapi import install_openapi
 from turbofan.server.pages import install_pages, is_open_path
 from turbofan.server.serving import ClientDisconnected, ServerContext
 from turbofan.server.settings import ServerSettings
-from turbofan.server.state import EngineSource, EngineState
+from turbofan.server.state import EngineSource
 
 
 class APIKeyMiddleware:
@@ -62,20 +63,23 @@ class APIKeyMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(engine_source: EngineSource, settings: ServerSettings | None = None) -> FastAPI:
-    """`engine_source`: an EngineClient (an AsyncEngine), an Engine, or a zero-argument callable that builds one
-    (it runs on a worker thread after the server starts listening)."""
+def create_app(
+    engine_source: EngineSource, settings: ServerSettings | None = None, factory: EngineFactory | None = None
+) -> FastAPI:
+    """`engine_source`: the primary model, as an EngineClient (an AsyncEngine), an Engine, or a zero-argument
+    callable that builds one (it runs on the engine's thread after the server starts listening). `factory` builds
+    any other model of the store on demand (server/manager.py); without one, only the primary is served."""
     settings = settings or ServerSettings()
-    state = EngineState(engine_source, settings.max_waiting, settings.stats_interval)
-    ctx = ServerContext(state, settings)
+    manager = ModelManager(engine_source, settings, factory, store_factory=lambda: ctx.store)
+    ctx = ServerContext(manager, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        await state.start()
+        await manager.start()
         try:
             yield
         finally:
-            await state.stop()
+            await manager.stop()
 
     app = FastAPI(title="turbofan", version=turbofan.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
@@ -87,8 +91,9 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.ready:
-            dead = state.client.dead  # the engine loop stopped after an error
+        state = ctx.state
+        if state.ready or manager.find(None) is None:  # the primary is loaded, or was unloaded on purpose
+            dead = state.client.dead if state.client is not None else None  # the engine loop stopped after an error
             if dead is not None:
                 return JSONResponse({"status": "error", "error": f"engine stopped: {dead}"}, status_code=503)
             return JSONResponse({"status": "ok"})
@@ -106,7 +111,7 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
         @app.get("/debug/engine")
         async def debug_engine() -> dict:
             """Queues and KV blocks right now: what the disconnect tests and an operator look at."""
-            client = await state.wait()
+            client = await ctx.require_model(None, need=None)
             stats = dataclasses.asdict(client.stats())
             stats["in_flight"] = client.num_in_flight
             return stats
@@ -114,12 +119,12 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
         @app.get("/debug/tiers")
         async def debug_tiers() -> dict:
             """The tiering table: key, calls, tier, compile time, eager vs compiled ms per step."""
-            return (await state.wait()).tiers()
+            return (await ctx.require_model(None, need=None)).tiers()
 
         @app.get("/debug/profile")
         async def debug_profile() -> JSONResponse:
             """Calls and time per component method (needs `--profile`)."""
-            table = (await state.wait()).profile_table()
+            table = (await ctx.require_model(None, need=None)).profile_table()
             if table is None:
                 return JSONResponse({"error": "profiling is off: start the server with --profile"}, status_code=404)
             return JSONResponse({"methods": table})
@@ -132,19 +137,22 @@ def create_app(engine_source: EngineSource, settings: ServerSettings | None = No
                 raise APIError(400, f"steps must be between 1 and 1000, got {steps}", param="steps")
             if not 0 < timeout <= 300:
                 raise APIError(400, f"timeout must be in (0, 300] seconds, got {timeout}", param="timeout")
-            client = await state.wait()
+            client = await ctx.require_model(None, need=None)
             trace = os.path.join(tempfile.gettempdir(), f"turbofan-trace-{int(time.time())}.json")
             return JSONResponse(await client.profile_torch(steps, trace, timeout))
 
     install_pages(app)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(embeddings_api.router)
+    app.include_router(variants.router)
     install_openapi(app)
 
     app.add_middleware(RequestGuard, ctx=ctx, max_body_bytes=settings.max_request_bytes,
                        body_timeout=settings.body_timeout)  # fmt: skip
     if settings.api_key:  # outside the guard: a caller without the key never gets a body read
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(LeaseMiddleware, manager_of=lambda: manager)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(CORSMiddleware, **settings.cors_options())
     return app

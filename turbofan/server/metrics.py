@@ -68,23 +68,39 @@ class RecentSamples:
 class EngineCollector(Collector):
     """Reads the engine's counters and gauges at scrape time (nothing to keep in sync)."""
 
-    def __init__(self, state, model_name):
-        self.state = state
+    def __init__(self, manager, model_name):
+        self.manager = manager
         self.model_name = model_name
 
     def collect(self) -> Iterable[Metric]:
-        name = self.model_name()
+        """Every metric carries `model_name`: one series per loaded model (the primary by its served name)."""
+        primary = self.model_name()
         loaded = GaugeMetricFamily("turbofan:model_loaded", "1 once the model has loaded", labels=["model_name"])
-        loaded.add_metric([name], 1.0 if self.state.ready else 0.0)
+        resident = {primary if m.name == self.manager.primary.key else m.name: m for m in self.manager.resident()}
+        if primary not in resident:
+            loaded.add_metric([primary], 0.0)
+        for name, m in resident.items():
+            loaded.add_metric([name], 1.0 if m.status == "ready" else 0.0)
         yield loaded
-        client = self.state.client
-        if client is None:
-            return
-        try:
-            s = client.stats()
-        except Exception:  # a scrape must never fail because the engine thread was mid-step
-            log.debug("engine stats unavailable for this scrape", exc_info=True)
-            return
+        size = GaugeMetricFamily("turbofan:model_memory_bytes", "Memory a loaded model holds.", labels=["model_name"])
+        for name, m in resident.items():
+            size.add_metric([name], m.size_bytes)
+        yield size
+        families: dict[str, Metric] = {}
+        for key, client in self.manager.clients():
+            name = primary if key == self.manager.primary.key else key
+            try:
+                s = client.stats()
+            except Exception:  # a scrape must never fail because the engine thread was mid-step
+                log.debug("engine stats unavailable for this scrape", exc_info=True)
+                continue
+            for metric in self._engine(client, name, s):
+                family = families.setdefault(metric.name, metric)
+                if family is not metric:
+                    family.samples.extend(metric.samples)
+        yield from families.values()
+
+    def _engine(self, client, name: str, s) -> Iterable[Metric]:
 
         def gauge(metric: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(metric, doc, labels=["model_name"])
@@ -131,11 +147,11 @@ class EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, state, model_name):
-        """`model_name` is a callable: the name is known for sure only once the engine has loaded."""
+    def __init__(self, manager, model_name):
+        """`model_name` is a callable: the primary model's name is known for sure only once it has loaded."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
-        self.registry.register(EngineCollector(state, model_name))
+        self.registry.register(EngineCollector(manager, model_name))
         reg = self.registry
         labels = ["model_name"]
         self.request_success = Counter(
@@ -184,17 +200,17 @@ class ServerMetrics:
             registry=reg,
         )  # fmt: skip
 
-    def observe_itl(self, seconds: float, tokens: int) -> None:
+    def observe_itl(self, seconds: float, tokens: int, model: str | None = None) -> None:
         """`tokens` arrived together after `seconds`: each counts as seconds/tokens apart."""
         if tokens <= 0:
             return
-        h = self.itl.labels(self.model_name())
+        h = self.itl.labels(model or self.model_name())
         for _ in range(tokens):
             h.observe(seconds / tokens)
         self.recent_itl.add(seconds / tokens, tokens)
 
-    def observe_finished(self, out: RequestOutput) -> None:
-        name = self.model_name()
+    def observe_finished(self, out: RequestOutput, model: str | None = None) -> None:
+        name = model or self.model_name()
         m = out.metrics
         for c in out.outputs:
             self.request_success.labels(name, c.finish_reason or "abort").inc()

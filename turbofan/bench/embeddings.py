@@ -1,0 +1,121 @@
+"""Embeddings per second against sentence-transformers, and model load/unload times through the ModelManager.
+
+    python -m turbofan.bench.embeddings [--model all-minilm] [--texts 256] [--rounds 5] [--chat smollm2:135m,gemma3:270m]
+
+Both sides embed the same short texts in one process, interleaved, and the medians are compared: turbofan's
+EmbeddingEngine as served (its own thread) and its `encode` on the calling thread, against
+`SentenceTransformer.encode` (batch_size 32, its default) on the very same model directory. Then each model is
+loaded through the ModelManager (the path a request takes), unloaded, and loaded again: seconds for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+WORDS = ("model", "server", "cache", "token", "river", "mountain", "coffee", "engine", "battery", "garden",
+         "planet", "music", "window", "language", "market", "winter")  # fmt: skip
+
+
+def short_texts(n: int) -> list[str]:
+    """Deterministic short sentences of 4 to 15 words."""
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(4 + i % 12)) + "." for i in range(n)]
+
+
+async def embeddings_per_second(path: Path, texts: list[str], rounds: int) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from turbofan.engine.embedding import EmbeddingEngine
+
+    engine = EmbeddingEngine(path, "bench")
+    await engine.start()
+    st = SentenceTransformer(str(path), device="cpu")
+    served_s, direct_s, theirs_s = [], [], []
+
+    async def served() -> torch.Tensor:  # as the server runs it: the engine's own thread
+        return await engine.embed(engine.tokenize(texts, truncate=True))
+
+    def direct() -> torch.Tensor:  # the same computation on the calling thread, where sentence-transformers runs
+        return engine.encode(engine.tokenize(texts, truncate=True))
+
+    def theirs() -> torch.Tensor:
+        return st.encode(texts, batch_size=32, convert_to_tensor=True)
+
+    await served(), direct(), theirs()  # warm up
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a = await served()
+        served_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        direct()
+        direct_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b = theirs()
+        theirs_s.append(time.perf_counter() - t0)
+    cosine = torch.nn.functional.cosine_similarity(a, b.float()).min().item()
+    await engine.stop()
+    s, d, t = (statistics.median(x) for x in (served_s, direct_s, theirs_s))
+    return {"texts": len(texts), "served_per_s": round(len(texts) / s, 1), "direct_per_s": round(len(texts) / d, 1),
+            "sentence_transformers_per_s": round(len(texts) / t, 1), "served_ratio": round(t / s, 2),
+            "direct_ratio": round(t / d, 2), "min_cosine": round(cosine, 6), "rounds": rounds}  # fmt: skip
+
+
+async def load_unload(names: list[str]) -> list[dict]:
+    """Each model: load (first request), unload, load again, through the manager with the serve defaults."""
+    from turbofan.cli import engine_factory
+    from turbofan.config import EngineConfig
+    from turbofan.server.manager import ModelManager
+    from turbofan.server.settings import ServerSettings
+    from turbofan.store import ModelStore
+
+    store = ModelStore(os.environ.get("TURBOFAN_MODELS"))
+    config = EngineConfig(max_model_len=2048, kv_cache_memory="256MiB", log_stats_interval=0)
+    manager = ModelManager(None, ServerSettings(stats_interval=0, max_loaded_models=4), engine_factory(config),
+                           store_factory=lambda: store)  # fmt: skip
+    rows = []
+    for name in names:
+        row = {"model": name}
+        for label in ("load_s", "unload_s", "reload_s"):
+            if label == "unload_s":
+                slot = manager.find(name)
+                t0 = time.perf_counter()
+                await manager.unload(slot)
+            else:
+                t0 = time.perf_counter()
+                slot = await manager.acquire(name, need=None)
+                manager.release(slot)
+            row[label] = round(time.perf_counter() - t0, 2)
+        row["size_gib"] = round(slot.size / (1 << 30), 3)
+        await manager.unload(slot)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="all-minilm")
+    p.add_argument("--texts", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--chat", default="smollm2:135m,gemma3:270m", help="chat models to time loading ('' for none)")
+    args = p.parse_args(argv)
+    from turbofan.store import ModelStore
+
+    path = Path(ModelStore(os.environ.get("TURBOFAN_MODELS")).resolve(args.model, progress=False).path)
+    cpu = torch.backends.cpu.get_cpu_capability()
+    print(json.dumps({"cpu_capability": cpu, "torch_threads": torch.get_num_threads()}))
+    print(json.dumps(asyncio.run(embeddings_per_second(path, short_texts(args.texts), args.rounds))))
+    names = [args.model] + [n for n in args.chat.split(",") if n]
+    for row in asyncio.run(load_unload(names)):
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
