@@ -254,7 +254,7 @@ def _chi_square_p(a: collections.Counter, b: collections.Counter) -> float:
 
 def test_sampled_tokens_follow_the_target_distribution(make_llm, vocab):
     """Temperature 1, top-k 4 on a tiny model: 3000 samples of the first 4 output tokens with drafts that are
-    the reference's most and second-most frequent continuations (accepted about half the time) against 3000
+    the reference's most and second-most frequent continuations (a fifth of them accepted) against 3000
     without speculation. Stated tolerance: the chi-square homogeneity test of each output position's joint
     distribution with the previous one must not reject at the 0.1% level (deterministic seeds: not flaky).
     A verifier that accepted every draft shifts the distribution and is rejected (p < 1e-6) by the same test."""
@@ -291,7 +291,8 @@ def test_sampled_tokens_follow_the_target_distribution(make_llm, vocab):
     spec_llm.engine.speculator.proposer = proposer
     got = sample(spec_llm, 1)
     stats = spec_llm.speculative_stats()
-    assert 0.2 < stats["acceptance_rate"] < 0.8, stats  # both paths, many times
+    rejected = stats["num_draft_tokens"] - stats["num_accepted_tokens"]
+    assert stats["num_accepted_tokens"] > 500 and rejected > 500, stats  # both paths, many times
     for j in (1, 2, 3):
         p = _chi_square_p(pairs(ref, j), pairs(got, j))
         assert p > 1e-3, f"output position {j}: the speculative distribution differs (chi-square p = {p:.2e})"
