@@ -329,3 +329,52 @@ def test_penalised_requests_do_not_speculate_and_stay_exact(make_llm, prompts):
     assert llm.speculative_stats()["num_draft_tokens"] == 0
     want = [o.outputs[0].token_ids for o in make_llm().generate(prompts, params, use_tqdm=False)]
     assert got == want
+
+
+# -- what an operator sees -------------------------------------------------------------------------------------
+def test_server_speculates_and_shows_it(tmp_path_factory):
+    """`turbofan serve --speculative-config`: a prompt that repeats the chain model's chain is continued with
+    accepted drafts; /metrics carries vLLM's spec-decode counters and /debug/tiers the speculator's table."""
+    from test_server import KEY, NAME, chain_model_path, launch
+
+    root = tmp_path_factory.mktemp("spec-server")
+    model, facts = chain_model_path(root)
+    config = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    srv = launch(model, root / "server.log", "--served-model-name", NAME, "--max-model-len", "128",
+                 "--num-kv-blocks", "64", "--speculative-config", config, key=KEY)  # fmt: skip
+    try:
+        chain = facts["chain"]
+        prompt = chain[1:-1] + chain[1:3]
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        r = srv.post("/v1/completions", body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] == "stop"
+        metrics = srv.get("/metrics").text
+        values = {
+            line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith(("vllm:spec_decode", "turbofan:spec_decode"))
+        }
+        assert values["vllm:spec_decode_num_draft_tokens_total"] >= 2, metrics
+        assert values["vllm:spec_decode_num_accepted_tokens_total"] >= 2, metrics
+        assert 0 < values["vllm:spec_decode_draft_acceptance_rate"] <= 1
+        assert "turbofan:spec_decode_deopts_total" in values
+        spec = srv.get("/debug/tiers").json()["speculative"]
+        assert spec["num_accepted_tokens"] == values["vllm:spec_decode_num_accepted_tokens_total"]
+        assert srv.get("/debug/engine").json()["speculative"]["method"] == "ngram"
+    finally:
+        srv.stop()
+
+
+def test_cli_refuses_a_bad_speculative_config(tmp_path):
+    import subprocess
+    import sys
+
+    for flag, message in (("{not json", "not JSON"), ('{"model": "x"}', "draft-model speculation is not implemented")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "turbofan.cli", "serve", "/nonexistent", "--speculative-config", flag],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode != 0
+        assert message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
