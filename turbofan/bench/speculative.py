@@ -10,7 +10,9 @@ Two engines on the same weights, one with the speculative config and one without
 - free, c=1: one open-ended story prompt: proposals are rare and mostly wrong, speculation must cost ~nothing;
 - copy, c=16 and free, c=16: sixteen prompts at once, where the cost model must switch speculation off unless it
   pays for itself.
-Greedy outputs of the two engines are also compared token for token.
+Greedy outputs of the two engines are also compared token for token (identical_outputs): a verify step runs
+the matmuls and attention in other shapes than a decode step, so at a float-noise tie between the top two tokens
+the two runs may take different tokens, as batching does.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         run(llm, workloads[next(iter(workloads))][:1], 8)
     results = {}
     for name, prompts in workloads.items():
-        ratios, rates_on, rates_off, same = [], [], [], True
+        ratios, rates_on, rates_off, same = [], [], [], 0
         before = on.speculative_stats()
         for r in range(args.rounds):
             order = (off, on) if r % 2 == 0 else (on, off)
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             rates_off.append(got[False][0])
             rates_on.append(got[True][0])
             ratios.append(got[True][0] / got[False][0])
-            same = same and got[True][1] == got[False][1]
+            same += sum(a == b for a, b in zip(got[True][1], got[False][1]))
         after = on.speculative_stats()
         drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
         accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             "speedup_min": round(min(ratios), 3),
             "acceptance": round(accepted / drafted, 3) if drafted else None,
             "draft_tokens_per_round": drafted // args.rounds,
-            "greedy_identical": same,
+            "identical_outputs": f"{same}/{len(prompts) * args.rounds}",
         }
         print(name, json.dumps(results[name]), flush=True)
     print("speculator:", json.dumps(on.speculative_stats()))
