@@ -110,7 +110,8 @@ def test_greedy_identical_with_speculation(name, make_llm, prompts, reference):
         outs = [_firsts(llm.generate([p], _greedy(40), use_tqdm=False))[0] for p in prompts]
     _assert_greedy_match(outs, reference, f"{name} vs no speculation")  # tokens, and logprobs within float noise
     stats = llm.speculative_stats()
-    assert stats["num_accepted_tokens"] > 20 and stats["num_draft_tokens"] > stats["num_accepted_tokens"], stats
+    if config["speculative_config"] is FORCED:  # the adaptive one speculates as much as the measured costs allow
+        assert stats["num_accepted_tokens"] > 20 and stats["num_draft_tokens"] > stats["num_accepted_tokens"], stats
     if name == "preemption":
         assert llm.engine.stats().num_preemptions > 0
 

@@ -46,6 +46,7 @@ ALPHA_DECAY = 0.9  # weight of past verifications in a sequence's acceptance est
 COST_DECAY = 0.98  # weight of past steps in the step-time fit
 PRIOR_FIXED_TOKENS = 16.0  # before the fit has spread in token counts: a step's fixed part = 16 tokens' worth
 PRIOR_WEIGHT = 8.0  # how many tokens^2 of spread the prior on the per-token cost is worth
+MIN_TOKEN_COST_SHARE = 0.25  # the per-token cost never drops below a quarter of the prior's
 GAIN_MARGIN = 1.1  # a draft must be expected to return 10% more than it costs
 
 
@@ -172,7 +173,8 @@ class StepCostModel:
         var = self.stt - self.w * mt * mt
         cov = self.sty - self.w * mt * my
         b_prior = my / (mt + PRIOR_FIXED_TOKENS)
-        b = max((cov + PRIOR_WEIGHT * b_prior) / (var + PRIOR_WEIGHT), 1e-9)
+        # floor: a token is never free (a fit drowned in noise from a shared CPU can say so)
+        b = max((cov + PRIOR_WEIGHT * b_prior) / (var + PRIOR_WEIGHT), MIN_TOKEN_COST_SHARE * b_prior)
         a = max(my - b * mt, 0.0)
         return a, b
 
