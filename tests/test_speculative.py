@@ -342,7 +342,7 @@ def test_server_speculates_and_shows_it(tmp_path_factory):
     model, facts = chain_model_path(root)
     config = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
     srv = launch(model, root / "server.log", "--served-model-name", NAME, "--max-model-len", "128",
-                 "--num-kv-blocks", "64", "--speculative-config", config, key=KEY)  # fmt: skip
+                 "--num-kv-blocks", "64", "--speculative-config", config, "--enable-debug-endpoints", key=KEY)  # fmt: skip
     try:
         chain = facts["chain"]
         prompt = chain[1:-1] + chain[1:3]

@@ -222,7 +222,7 @@ class Speculator:
         p = seq.request.params
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logits_processors:
             return 0  # penalties and processors see the tokens before each position: one row per step only
-        if getattr(p, "guided_decoding", None) is not None:  # a grammar's state advances per token
+        if p.structured is not None:  # a grammar's state (and so its bitmask) advances per token
             return 0
         num_out = seq.num_tokens - seq.request.num_prompt_tokens
         if num_out < p.min_tokens:
