@@ -22,6 +22,7 @@ from turbofan.engine.input_batch import InputBatch
 from turbofan.engine.output_processor import OutputProcessor
 from turbofan.engine.sampler import Sampler
 from turbofan.engine.scheduler import Scheduler
+from turbofan.engine.speculative import SpeculativeConfig, Speculator
 from turbofan.model.runner import ModelRunner
 from turbofan.model.tokenizer import Tokenizer
 
@@ -108,6 +109,11 @@ def _input_batch(config: EngineConfig, runner: ModelRunner, max_model_len: int) 
     return InputBatch(runner.args.vocab_size, config.block_size, max_model_len, capacity=min(config.max_num_seqs, 64))
 
 
+def _speculator(config: EngineConfig, max_model_len: int) -> Speculator | None:
+    spec = SpeculativeConfig.parse(config.speculative_config)
+    return None if spec is None else Speculator(spec, max_model_len)
+
+
 def declare(container: Container, config: EngineConfig) -> Container:
     model_path, model_name = resolve_model_path(config)
     container.register_instance("config", config)
@@ -128,11 +134,12 @@ def declare(container: Container, config: EngineConfig) -> Container:
     container.register("sampler", lambda eos: _sampler(eos, container), args=["eos_token_ids"])
     container.register("input_batch", _input_batch, args=["config", "runner", "max_model_len"])
     container.register("output_processor", OutputProcessor, args=["tokenizer"])
+    container.register("speculator", _speculator, args=["config", "max_model_len"])
     container.register(
         "engine",
         Engine,
         args=["config", "tokenizer", "runner", "scheduler", "sampler", "input_batch", "output_processor",
-              "model_name", "model_path"],
+              "model_name", "model_path", "speculator"],
     )  # fmt: skip
     return container
 
@@ -180,6 +187,7 @@ def build_engine(config: EngineConfig, plugins: list | None = None) -> Engine:
             "kv_cache_dtype": str(runner.kv_cache_dtype).removeprefix("torch."),
             "max_concurrent_tokens": runner.num_blocks * runner.block_size,
             "max_model_len": engine.max_model_len,
+            "speculative": config.speculative_config,
         },
     )
     return engine

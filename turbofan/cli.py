@@ -8,6 +8,7 @@ TURBOFAN_API_KEY, TURBOFAN_ORIGINS (comma-separated), TURBOFAN_MODELS (the model
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -77,12 +78,29 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tier-threshold", type=int, default=32, help="calls before a shape is compiled")
     p.add_argument("--profile", action="store_true", help="count calls and time per component method")
     p.add_argument(
+        "--speculative-config",
+        type=_json_object,
+        default=None,
+        help='speculative decoding (vLLM\'s JSON), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\'',
+    )
+    p.add_argument(
         "--quantization",
         choices=["auto", "none", "int8", "int4"],
         default="auto",
         help="auto: a GGUF model keeps its file's precision (4/8-bit blocks), safetensors stay float32; "
         "int8/int4: quantize every layer; none: float32, bit-comparable with transformers",
     )
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +215,7 @@ def engine_config(args: argparse.Namespace, served_name: str | None = None):
         quantization=getattr(args, "quantization", None),
         log_stats_interval=getattr(args, "stats_interval", 0.0),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        speculative_config=getattr(args, "speculative_config", None),
     )
 
 

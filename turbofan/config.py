@@ -54,6 +54,8 @@ class EngineConfig:
     # Processes the model is split over (Megatron-style, turbofan/distributed); 1 = this process only.
     tensor_parallel_size: int = 1
     log_stats_interval: float = 10.0
+    # vLLM's speculative_config, e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -62,6 +64,10 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         if self.kv_cache_dtype not in ("auto", "float32", "float16"):
             raise ValueError(f"kv_cache_dtype must be auto, float32 or float16, got {self.kv_cache_dtype!r}")
+        if self.speculative_config is not None:
+            from turbofan.engine.speculative import SpeculativeConfig
+
+            SpeculativeConfig.parse(self.speculative_config)  # refuse a bad config before any weights load
         if self.tiering not in ("off", "on"):
             raise ValueError(f"tiering must be 'off' or 'on', got {self.tiering!r}")
         if self.tensor_parallel_size < 1:

@@ -40,6 +40,10 @@ class LLM:
         self.engine: Engine = build_engine(self.config, plugins)
         self._ids = itertools.count()
 
+    def speculative_stats(self) -> dict | None:
+        """Speculative decoding so far: drafts, accepted tokens, acceptance rate, deopts (None when it is off)."""
+        return self.engine.speculative_stats()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

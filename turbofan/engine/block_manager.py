@@ -107,7 +107,8 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        # (verified speculative tokens are computed before they are appended: only appended ones are hashed)
+        full = min(min(seq.num_computed_tokens, seq.num_tokens) // self.block_size, len(seq.block_table))
         start = seq.num_committed_blocks
         if full <= start:
             return
@@ -164,6 +165,13 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_tokens)):
             seq.block_table.append(self._take())
         return True
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` slots (rejected speculative tokens' KV)."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            self._unref(seq.block_table.pop())
+        seq.num_synced_blocks = min(seq.num_synced_blocks, keep)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         for block in parent.block_table:

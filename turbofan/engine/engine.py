@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 from turbofan.config import EngineConfig
@@ -29,6 +30,7 @@ from turbofan.engine.params import SamplingParams
 from turbofan.engine.sampler import Sampler, SamplerOutput
 from turbofan.engine.scheduler import Scheduler
 from turbofan.engine.sequence import Request
+from turbofan.engine.speculative import Speculator
 from turbofan.model.runner import ModelRunner
 from turbofan.model.tokenizer import Tokenizer
 
@@ -49,6 +51,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     steps_total: int
+    speculative: dict | None = None  # Speculator.snapshot() when speculative decoding is on
 
 
 def default_max_model_len(config: EngineConfig, runner: ModelRunner) -> int:
@@ -82,6 +85,7 @@ class Engine:
         output_processor: OutputProcessor,
         model_name: str | None = None,
         model_path: str | None = None,
+        speculator: Speculator | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -96,6 +100,7 @@ class Engine:
         self.max_model_len = scheduler.max_model_len
         self.profiler = None  # set by the assembly when profiling is on
         self.grammars = GrammarCompiler(getattr(tokenizer, "hf", None), runner.args.vocab_size, sampler.eos_token_ids)
+        self.speculator = speculator
 
     # -- requests -----------------------------------------------------------------------------------------------
     @property
@@ -164,12 +169,16 @@ class Engine:
         """One step. An error building, running or sampling the batch ends the requests it concerns (raised as
         RequestFailedError once they are aborted) and leaves the engine serving the rest; an error in the
         scheduler's bookkeeping is a broken invariant and propagates."""
+        spec = self.speculator
+        if spec is not None:
+            spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         try:
             batch = self.input_batch.prepare(sched)
             if batch is None:  # nothing to run; sequences the cache could not hold still get their last delta
                 return self.output_processor.process(sched, SamplerOutput([])) if sched.truncated else []
             self.runner.copy_blocks(sched.copies)
+            start = time.perf_counter()
             logits = self.runner.execute(batch.forward)
             sampled = self.sampler.sample(logits, batch.sampling)
         except Exception as exc:
@@ -179,6 +188,10 @@ class Engine:
             for rid in ids:
                 self.abort_request(rid)
             raise failed or RequestFailedError(ids, exc) from exc
+        if spec is not None:
+            spec.observe(sched, time.perf_counter() - start)
+            if sched.drafts:
+                spec.verify(sched, sampled, self.blocks)
         self.scheduler.update_from_output(sched, sampled.tokens)
         return self.output_processor.process(sched, sampled)
 
@@ -205,7 +218,12 @@ class Engine:
             prompt_tokens_total=sched.prompt_tokens_total,
             generation_tokens_total=sched.generation_tokens_total,
             steps_total=sched.steps_total,
+            speculative=self.speculative_stats(),
         )
+
+    def speculative_stats(self) -> dict | None:
+        """Drafts, accepted tokens, acceptance rate, deopts and the step-cost fit; None when speculation is off."""
+        return None if self.speculator is None else self.speculator.snapshot()
 
     def model_info(self) -> ModelInfo:
         runner = self.runner
@@ -230,9 +248,11 @@ class Engine:
     def tiers(self) -> dict:
         """The tiering table (tier calls, deopts, compile time), or {"tiering": "off"}."""
         tiers = self.runner.forward_fn
+        spec = {} if self.speculator is None else {"speculative": self.speculator.snapshot()}
         if not hasattr(tiers, "table"):
-            return {"tiering": "off", "tiers": []}
+            return {"tiering": "off", "tiers": [], **spec}
         return {
+            **spec,
             "tiering": "on",
             "tiers": tiers.table(),
             "tier_calls": dict(tiers.tier_calls),

@@ -239,6 +239,8 @@ class InputBatch:
             start = seq.num_computed_tokens
             logits_indices += [len(ids) + o for o in offsets]
             ids += seq.token_ids[start : start + n]
+            if sched.drafts:
+                ids += sched.drafts.get(seq.seq_id, ())  # speculative tokens follow the sequence's last one
             lens.append(n)
             starts.append(start)
         query_lens = torch.tensor(lens, dtype=torch.long)

@@ -30,6 +30,8 @@ class OutputProcessor:
             ]
         for j, row in enumerate(sampled.logprob_rows):
             seq = sched.sample[row][0]
+            if len(seq.logprobs) >= seq.num_output_tokens:  # dropped after a stop among several verified tokens
+                continue
             token = sampled.tokens[row]
             lp = sampled.logprobs[j]
             seq.cumulative_logprob += lp

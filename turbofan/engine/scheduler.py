@@ -45,6 +45,7 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     truncated: list[Sequence] = field(default_factory=list)  # ended "length": the KV cache cannot hold them
     finished: list[Sequence] = field(default_factory=list)  # finished or aborted since the previous schedule
+    drafts: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> speculative tokens scheduled after it
 
     @property
     def num_tokens(self) -> int:
@@ -128,10 +129,14 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            drafts, seq.spec_token_ids = seq.spec_token_ids, []
+            n = min(seq.num_tokens + len(drafts) - seq.num_computed_tokens, budget)
             if n <= 0:
                 continue
             while not self.blocks.allocate(seq, seq.num_computed_tokens + n, out.copies):
+                if n > 1 and drafts:  # drop the speculative tokens before preempting anyone
+                    n, drafts = 1, []
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
@@ -139,6 +144,8 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 out.scheduled.append((seq, n))
                 budget -= n
+                if n > 1 and drafts:
+                    out.drafts[seq.seq_id] = drafts[: n - 1]
         if out.preempted:  # the cache is full: admitting new work now would only thrash
             gone = {s.seq_id for s in out.preempted}
             out.scheduled = [(s, n) for s, n in out.scheduled if s.seq_id not in gone]
@@ -182,7 +189,8 @@ class Scheduler:
             request = seq.request
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
-            done = start + n == seq.num_tokens
+            done = start + n >= seq.num_tokens
+            num_drafts = start + n - seq.num_tokens  # speculative tokens: each position is sampled
             n_prompt = request.num_prompt_tokens
             if start < n_prompt:
                 self.prompt_tokens_total += min(n, n_prompt - start)
@@ -193,11 +201,11 @@ class Scheduler:
                     out.prompt_logprobs.append(PromptLogprobRows(seq, row + first - start, first, stop - first))
                 offsets = list(range(n))
             else:
-                offsets = [n - 1] if done else []
+                offsets = list(range(n - 1 - num_drafts, n)) if done else []
             out.logits_offsets.append(offsets)
             if done:
                 sample_row = row + len(offsets) - 1
-                out.sample.append((seq, sample_row))
+                out.sample += [(seq, r) for r in range(sample_row - num_drafts, sample_row + 1)]
                 if not request.forked:
                     self._fork(seq, start + n, sample_row, out)
             row += len(offsets)
@@ -221,14 +229,18 @@ class Scheduler:
         for seq, n in out.scheduled:
             seq.num_computed_tokens += n
             self.blocks.commit(seq)
-        self.generation_tokens_total += len(tokens)
         detokenize = self.detokenizer.append
         finished: list[Request] = []
         for (seq, _), token in zip(out.sample, tokens):
+            if seq.status is Status.FINISHED:  # a stop among several verified tokens: the rest are dropped
+                continue
+            self.generation_tokens_total += 1
             request = seq.request
             params = request.params
             metrics = request.metrics
             seq.token_ids.append(token)
+            if seq.seq_id in out.drafts:
+                self.blocks.commit(seq)
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.last_token_time = now

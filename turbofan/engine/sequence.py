@@ -52,6 +52,8 @@ class Sequence:
         self.num_committed_blocks = 0  # blocks already registered in the prefix cache
         self.num_sent_tokens = 0  # what the output processor has emitted
         self.num_sent_chars = 0
+        self.spec_token_ids: list[int] = []  # drafts proposed for the next step (speculative decoding)
+        self.spec_state = None  # the Speculator's record of this sequence's acceptance and deopts
 
     @property
     def num_tokens(self) -> int:

@@ -127,6 +127,22 @@ class EngineCollector(Collector):
         if steps is not None:
             yield counter("turbofan:engine_steps", "Engine steps run.", steps)
         yield from self._tiers(client, name)
+        spec = getattr(s, "speculative", None)
+        if spec is not None:
+            yield from self._speculative(spec, gauge, counter)
+
+    @staticmethod
+    def _speculative(spec: dict, gauge, counter) -> Iterable[Metric]:
+        """vLLM's spec-decode counters, the acceptance rate, and turbofan's deopts."""
+        yield counter("vllm:spec_decode_num_drafts", "Verifications of a sequence's drafts.", spec["num_drafts"])
+        yield counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", spec["num_draft_tokens"])
+        yield counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec["num_accepted_tokens"])
+        rate = spec["acceptance_rate"]
+        yield gauge("vllm:spec_decode_draft_acceptance_rate", "Accepted / proposed draft tokens.", rate or 0.0)
+        yield counter("turbofan:spec_decode_deopts", "Sequences that stopped speculating for a while.", spec["num_deopts"])
+        yield counter(
+            "turbofan:spec_decode_gated_steps", "Decode steps the cost model ran without drafts.", spec["num_gated_steps"]
+        )
 
     @staticmethod
     def _tiers(client, name: str) -> Iterable[Metric]:

@@ -1,0 +1,373 @@
+"""Speculative decoding: guess tokens cheaply, verify them in one forward, fall back where the guesses keep failing.
+
+On a CPU one decode stream is bound by reading the weights, so scoring 1 + k tokens of a sequence in one forward
+costs little more than scoring one. V8's speculation, applied to tokens:
+
+- **guess** (the proposer): n-gram prompt lookup finds the latest earlier occurrence of the context's last n
+  tokens (n from prompt_lookup_max down to prompt_lookup_min) and proposes the k tokens that followed it;
+- **guard** (verification in the step): the scheduler gives a decoding sequence 1 + k query tokens, the sampler
+  samples every one of the k + 1 positions with the request's own parameters, and the longest prefix of drafts
+  equal to what the target sampled is kept, plus the target's token at the first miss (or after the last draft).
+  A draft is a point mass, so this *is* rejection sampling: the draft x survives with probability p(x), and on a
+  miss the target's token is distributed as p without x, renormalised — the residual. Greedy output is exactly
+  the non-speculative one; sampled output has exactly the target's distribution;
+- **deoptimise**: rejected drafts are rolled back (their KV slots released, never committed to the prefix
+  cache); a sequence whose proposals keep failing stops speculating for a while (a counted deopt, with a longer
+  back-off each time);
+- **cost model**: step time is fitted online as a + b * tokens over decode/verify steps. An extra draft token
+  costs b; the j-th draft of a sequence with acceptance rate alpha returns alpha^j tokens, each worth what a
+  token costs without speculation at this batch size, (a + b * B) / B. Drafts are scheduled only while their
+  expected return exceeds their cost, so a large batch (where b * B dominates) stops speculating by itself.
+
+Requests whose next token depends on the tokens before it in ways the sampler keeps per step (penalties, logits
+processors, min_tokens not reached yet) do not speculate; everything else does, including n > 1, logprobs, stop
+strings and seeds (a seeded request stays reproducible, though its tokens differ from a run without speculation,
+since it draws one uniform per verified position).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from turbofan.engine.sequence import Sequence
+
+log = logging.getLogger("turbofan.engine")
+
+DEOPT_AFTER = 3  # consecutive proposals with nothing accepted before a sequence stops speculating
+BACKOFF_STEPS = 16  # decode steps of the first back-off; doubled with each further deopt of the sequence
+MAX_BACKOFF_STEPS = 1024
+ALPHA_PRIOR = 0.6  # a fresh sequence's assumed acceptance rate (optimistic: it must try to learn)
+ALPHA_DECAY = 0.9  # weight of past verifications in a sequence's acceptance estimate
+COST_DECAY = 0.98  # weight of past steps in the step-time fit
+PRIOR_FIXED_TOKENS = 16.0  # before the fit has spread in token counts: a step's fixed part = 16 tokens' worth
+PRIOR_WEIGHT = 8.0  # how many tokens^2 of spread the prior on the per-token cost is worth
+MIN_TOKEN_COST_SHARE = 0.25  # the per-token cost never drops below a quarter of the prior's
+GAIN_MARGIN = 1.1  # a draft must be expected to return 10% more than it costs
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's `speculative_config`: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
+    "prompt_lookup_min": m}. A draft model ({"model": ...}) is not implemented yet and is refused clearly."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    model: str | None = None
+    adaptive: bool = True  # turbofan's: deopts and the cost model (off = always propose k tokens, for tests)
+
+    def __post_init__(self) -> None:
+        if self.model is not None or self.method == "draft_model":
+            raise ValueError(
+                "speculative_config: draft-model speculation is not implemented yet; use "
+                '{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n}'
+            )
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config: method must be 'ngram', got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be an integer in [1, 32], got {k!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:  # vLLM's defaults
+            lo = hi = 5
+        lo = hi if lo is None else lo
+        hi = lo if hi is None else hi
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+            raise ValueError(
+                f"speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} and {hi!r}"
+            )
+        self.prompt_lookup_min, self.prompt_lookup_max = lo, hi
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+
+def ngram_propose(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> list[int]:
+    """The k tokens that followed the latest earlier occurrence of the last n tokens (longest n first)."""
+    length = tokens.shape[0]
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        windows = sliding_window_view(tokens[: length - 1], n)  # every start whose n-gram has a next token
+        hits = np.flatnonzero((windows == tokens[length - n :]).all(1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return tokens[start : start + k].tolist()
+    return []
+
+
+class NgramProposer:
+    """Prompt lookup over the sequence's own tokens (prompt and output); no model."""
+
+    def __init__(self, n_min: int, n_max: int):
+        self.n_min, self.n_max = n_min, n_max
+
+    def __call__(self, seq: Sequence, k: int) -> list[int]:
+        return ngram_propose(seq.spec_state.sync(seq.token_ids), self.n_min, self.n_max, k)
+
+
+@dataclass
+class SpecState:
+    """A sequence's speculation record: its token array for the proposer, its acceptance, its deopts."""
+
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.int64))
+    num_tokens: int = 0
+    accepted: float = ALPHA_PRIOR  # decayed counts of accepted drafts and of misses (a geometric acceptance)
+    missed: float = 1.0 - ALPHA_PRIOR
+    misses_in_a_row: int = 0
+    deopts: int = 0
+    backoff: int = 0  # decode steps left without speculation
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.missed)
+
+    def sync(self, token_ids: list[int]) -> np.ndarray:
+        """The sequence's tokens as an array, appending only what is new."""
+        n = len(token_ids)
+        if n > self.tokens.shape[0]:
+            grown = np.zeros(max(n, 2 * self.tokens.shape[0]), dtype=np.int64)
+            grown[: self.num_tokens] = self.tokens[: self.num_tokens]
+            self.tokens = grown
+        if n > self.num_tokens:
+            self.tokens[self.num_tokens : n] = token_ids[self.num_tokens : n]
+        self.num_tokens = n
+        return self.tokens[:n]
+
+
+class StepCostModel:
+    """Step seconds ~ a + b * tokens, fitted by exponentially weighted least squares over decode/verify steps,
+    with a prior on b (a fixed part worth PRIOR_FIXED_TOKENS tokens) until the steps have spread in size."""
+
+    def __init__(self) -> None:
+        self.w = self.st = self.stt = self.sy = self.sty = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = COST_DECAY
+        self.w = d * self.w + 1.0
+        self.st = d * self.st + tokens
+        self.stt = d * self.stt + tokens * tokens
+        self.sy = d * self.sy + seconds
+        self.sty = d * self.sty + tokens * seconds
+
+    @property
+    def ready(self) -> bool:
+        return self.w > 0.0
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b): fixed seconds per step and seconds per token."""
+        mt, my = self.st / self.w, self.sy / self.w
+        var = self.stt - self.w * mt * mt
+        cov = self.sty - self.w * mt * my
+        b_prior = my / (mt + PRIOR_FIXED_TOKENS)
+        # floor: a token is never free (a fit drowned in noise from a shared CPU can say so)
+        b = max((cov + PRIOR_WEIGHT * b_prior) / (var + PRIOR_WEIGHT), MIN_TOKEN_COST_SHARE * b_prior)
+        a = max(my - b * mt, 0.0)
+        return a, b
+
+    def draft_budget(self, alpha: float, batch: int, k_max: int) -> int:
+        """Drafts worth scheduling for one sequence: the j-th returns alpha^j tokens, each worth (a + b B) / B."""
+        a, b = self.coefficients()
+        value = (a + b * batch) / batch
+        if alpha <= 0.0:
+            return 0
+        ratio = GAIN_MARGIN * b / value
+        if ratio >= 1.0:
+            return 0
+        if alpha >= 1.0:
+            return k_max
+        return max(0, min(k_max, int(math.log(ratio) / math.log(alpha))))
+
+
+@dataclass
+class SpecStats:
+    num_drafts: int = 0  # verifications of a sequence with at least one draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    num_deopts: int = 0  # sequences that stopped speculating for a while
+    num_gated_steps: int = 0  # decode steps where the cost model left every sequence without drafts
+    num_spec_steps: int = 0  # steps that verified drafts
+
+
+class Speculator:
+    """Proposes drafts for the running sequences before a step, and verifies them after it is sampled."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+        self.config = config
+        # (sequence, k) -> at most k draft tokens; any deterministic function of the sequence verifies exactly
+        self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.max_model_len = max_model_len
+        self.cost = StepCostModel()
+        self.stats = SpecStats(accepted_per_position=[0] * config.num_speculative_tokens)
+
+    # -- before the step --------------------------------------------------------------------------------------------
+    def _eligible(self, seq: Sequence) -> int:
+        """How many drafts the sequence may take at most (0: it does not speculate this step)."""
+        if seq.num_tokens - seq.num_computed_tokens != 1:  # prefilling
+            return 0
+        p = seq.request.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logits_processors:
+            return 0  # penalties and processors see the tokens before each position: one row per step only
+        if p.structured is not None:  # a grammar's state (and so its bitmask) advances per token
+            return 0
+        num_out = seq.num_tokens - seq.request.num_prompt_tokens
+        if num_out < p.min_tokens:
+            return 0
+        room = min(p.max_tokens - num_out, self.max_model_len - seq.num_tokens) - 1  # the bonus token fits too
+        return max(0, min(self.config.num_speculative_tokens, room))
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set `spec_token_ids` of every running sequence (empty where it does not speculate this step)."""
+        decoding = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
+        any_drafts = gated = False
+        for seq in running:
+            seq.spec_token_ids = []
+        for seq in decoding:
+            k = self._eligible(seq)
+            state = seq.spec_state
+            if state is None:
+                state = seq.spec_state = SpecState()
+            if k == 0:
+                continue
+            if self.config.adaptive:
+                if state.backoff > 0:
+                    state.backoff -= 1
+                    if state.backoff == 0:  # re-optimise from a fresh record (V8 re-collects feedback)
+                        state.accepted, state.missed = ALPHA_PRIOR, 1.0 - ALPHA_PRIOR
+                    continue
+                if self.cost.ready:
+                    budget = self.cost.draft_budget(state.alpha, len(decoding), k)
+                    if budget == 0 and self.cost.draft_budget(ALPHA_PRIOR, len(decoding), k) > 0:
+                        self._deopt(seq)  # its own record rules it out, not the batch size
+                    gated = gated or budget == 0
+                    k = budget
+                if k == 0:
+                    continue
+            drafts = self.proposer(seq, k)[:k]
+            seq.spec_token_ids = drafts
+            any_drafts = any_drafts or bool(drafts)
+        if gated and not any_drafts:
+            self.stats.num_gated_steps += 1
+
+    # -- after the step ---------------------------------------------------------------------------------------------
+    def observe(self, sched, seconds: float) -> None:
+        """Feed the cost model with a decode/verify step (prefill chunks follow another cost curve)."""
+        drafts = sched.drafts
+        for seq, n in sched.scheduled:
+            if n != 1 + len(drafts.get(seq.seq_id, ())):
+                return
+        self.cost.observe(sched.num_tokens, seconds)
+
+    def verify(self, sched, sampled, blocks) -> None:
+        """Keep each speculating sequence's accepted drafts plus the target's next token; roll the rest back.
+
+        `sched.sample` holds k + 1 consecutive rows for a sequence with k drafts; after this it holds only the
+        rows whose tokens are emitted, `sampled` is cut to match, and the sequence's scheduled count shrinks by
+        its rejected drafts, so update_from_output computes and commits only verified positions.
+        """
+        tokens = sampled.tokens
+        keep: list[int] = []
+        rejected: dict[int, int] = {}
+        stats = self.stats
+        i = 0
+        while i < len(sched.sample):
+            seq = sched.sample[i][0]
+            drafts = sched.drafts.get(seq.seq_id)
+            if not drafts:
+                keep.append(i)
+                i += 1
+                continue
+            k = len(drafts)
+            m = 0
+            while m < k and tokens[i + m] == drafts[m]:
+                m += 1
+            keep.extend(range(i, i + m + 1))
+            rejected[seq.seq_id] = k - m
+            self._record(seq, k, m)
+            i += k + 1
+        stats.num_spec_steps += 1
+        _keep_rows(sched, sampled, keep)
+        scheduled = []
+        for seq, n in sched.scheduled:
+            r = rejected.get(seq.seq_id, 0)
+            if r:
+                n -= r
+                blocks.truncate(seq, seq.num_computed_tokens + n)
+            scheduled.append((seq, n))
+        sched.scheduled = scheduled
+
+    def _record(self, seq: Sequence, k: int, m: int) -> None:
+        stats = self.stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += k
+        stats.num_accepted_tokens += m
+        for j in range(m):
+            stats.accepted_per_position[j] += 1
+        state = seq.spec_state
+        state.accepted = ALPHA_DECAY * state.accepted + m
+        state.missed = ALPHA_DECAY * state.missed + (1 if m < k else 0)
+        if m:
+            state.misses_in_a_row = 0
+            return
+        state.misses_in_a_row += 1
+        if self.config.adaptive and state.misses_in_a_row >= DEOPT_AFTER:
+            self._deopt(seq)
+
+    def _deopt(self, seq: Sequence) -> None:
+        """Stop speculating for this sequence for a while; each further deopt doubles the while."""
+        state = seq.spec_state
+        state.backoff = min(BACKOFF_STEPS << state.deopts, MAX_BACKOFF_STEPS)
+        state.deopts += 1
+        state.misses_in_a_row = 0
+        self.stats.num_deopts += 1
+        log.debug("speculation deopt", extra={"request_id": seq.request.request_id, "backoff": state.backoff})
+
+    # -- visibility -------------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        s = self.stats
+        a, b = self.cost.coefficients() if self.cost.ready else (None, None)
+        return {
+            "method": self.config.method,
+            "num_speculative_tokens": self.config.num_speculative_tokens,
+            "num_drafts": s.num_drafts,
+            "num_draft_tokens": s.num_draft_tokens,
+            "num_accepted_tokens": s.num_accepted_tokens,
+            "acceptance_rate": s.num_accepted_tokens / s.num_draft_tokens if s.num_draft_tokens else None,
+            "mean_acceptance_length": 1 + s.num_accepted_tokens / s.num_drafts if s.num_drafts else None,
+            "accepted_per_position": list(s.accepted_per_position),
+            "num_deopts": s.num_deopts,
+            "num_gated_steps": s.num_gated_steps,
+            "num_spec_steps": s.num_spec_steps,
+            "step_fixed_ms": None if a is None else round(a * 1e3, 4),
+            "step_per_token_ms": None if b is None else round(b * 1e3, 4),
+        }
+
+
+def _keep_rows(sched, sampled, keep: list[int]) -> None:
+    """Cut the step's sample rows (and the sampler's per-row results) down to `keep`, in order."""
+    if len(keep) == len(sched.sample):
+        return
+    sched.sample = [sched.sample[i] for i in keep]
+    sampled.tokens = [sampled.tokens[i] for i in keep]
+    if sampled.logprob_rows:
+        new_index = {old: new for new, old in enumerate(keep)}
+        picked = [j for j, row in enumerate(sampled.logprob_rows) if row in new_index]
+        sampled.logprob_rows = [new_index[sampled.logprob_rows[j]] for j in picked]
+        sampled.logprobs = [sampled.logprobs[j] for j in picked]
+        sampled.ranks = [sampled.ranks[j] for j in picked]
+        sampled.top_ids = [sampled.top_ids[j] for j in picked]
+        sampled.top_logprobs = [sampled.top_logprobs[j] for j in picked]
