@@ -25,6 +25,7 @@ serve: install
 test: install
 	$(BIN)/turbofan pull smollm2:135m
 	$(BIN)/turbofan pull gemma3:270m
+	$(BIN)/turbofan pull all-minilm
 	$(BIN)/ruff check turbofan tests
 	$(BIN)/python -m pytest -q -ra tests
 
