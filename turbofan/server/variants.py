@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from turbofan.server.errors import APIError, bad_request
 from turbofan.store.manifest import read_manifest
@@ -31,10 +31,10 @@ class CopyRequest(BaseModel):
 
 
 class CreateRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
     model: str | None = None
     name: str | None = None  # older clients
-    from_: str | None = None
+    from_: str | None = Field(None, alias="from")
     modelfile: str | None = None
     parameters: dict[str, Any] | None = None
     system: str | None = None
@@ -60,11 +60,7 @@ async def copy(body: CopyRequest, request: Request) -> Response:
 
 
 @router.post("/api/create")
-async def create(request: Request):
-    raw = await request.json()
-    if not isinstance(raw, dict):
-        raise bad_request("the body must be a JSON object")
-    body = CreateRequest.model_validate({**raw, "from_": raw.get("from")})
+async def create(body: CreateRequest, request: Request):
     name = body.model or body.name
     if not name:
         raise bad_request("model is required")
