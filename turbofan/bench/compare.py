@@ -1,11 +1,16 @@
 """turbofan against llama.cpp's `llama-server` on the same GGUF, one after the other, in one run.
 
     python -m turbofan.bench.compare --llama-server /path/to/llama-server
-        [--plan "smollm2:135m=c1,c16,long;gemma3:270m=c16"] [--extra "--quantization none"]
+        [--plan "smollm2:135m=c1,c16,long;gemma3:270m=c16"] [--extra "--quantization none"] [--offline-rounds 3]
 
 Each server runs alone (two CPU-heavy processes on two cores ruin both numbers), driven by `turbofan bench
 serve` on /v1/completions with the same prompts and every end token banned by logit_bias, so both generate the
 full length. Prints the CPU, then throughput, TTFT and TPOT side by side with ratios.
+
+`--rounds N` repeats the servers taking turns (medians and per-round ratios are reported: this machine's speed
+drifts between minutes). `--offline-rounds N` then runs turbofan served and each workload through `LLM.generate` in this process (the same
+prompts, the same logit_bias, greedy, `max_num_seqs` = the workload's concurrency, warmed up) taking turns, N
+rounds, so the served/offline ratio says what the HTTP path costs on exactly the same work.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import httpx
 
@@ -101,6 +107,63 @@ def bench(url: str, w: Workload, tokenizer: str, bias: str) -> dict:
     return asyncio.run(bench_serve.run(bench_serve.build_parser().parse_args(argv)))
 
 
+class Offline:
+    """The same workloads without HTTP, in this process: one LLM per concurrency (its max_num_seqs), built once
+    and warmed up; each run generates the workload's whole prompt list at once."""
+
+    def __init__(self, model: str, workloads: list[Workload], tokenizer: str, bias: str) -> None:
+        import random
+
+        from turbofan import LLM, SamplingParams
+
+        tok = bench_serve.load_tokenizer(tokenizer)
+        self.prompts: dict[str, list[str]] = {}
+        for w in workloads:
+            rng = random.Random(0)  # bench serve's default seed and order: the same prompts as the served run
+            lengths = [(bench_serve.sample_lengths(rng, w.input_len, 0.0), bench_serve.sample_lengths(rng, w.output_len, 0.0))
+                       for _ in range(w.num_prompts)]  # fmt: skip
+            self.prompts[w.name] = [bench_serve.make_prompt(rng, n, tok, i) for i, (n, _) in enumerate(lengths)]
+        self.llms = {c: LLM(model, max_num_seqs=c, log_stats_interval=0) for c in {w.concurrency for w in workloads}}
+        for llm in self.llms.values():
+            llm.generate(["warm up"], SamplingParams(max_tokens=4), use_tqdm=False)
+        self.bias = {int(k): v for k, v in json.loads(bias).items()}
+        self.params = SamplingParams
+
+    def run(self, w: Workload) -> dict:
+        params = self.params(temperature=0.0, max_tokens=w.output_len, logit_bias=self.bias)
+        start = time.perf_counter()
+        outs = self.llms[w.concurrency].generate(self.prompts[w.name], params, use_tqdm=False)
+        duration = time.perf_counter() - start
+        tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        return {"output_throughput": tokens / duration, "duration_s": duration, "output_tokens": tokens}
+
+
+def served_vs_offline(model: str, workloads: list[Workload], tokenizer: str, bias: str, serve_cmd: list[str],
+                      rounds: int) -> list[dict]:  # fmt: skip
+    """Served and offline taking turns on each workload, `rounds` times (ABAB: this machine's speed drifts between
+    minutes, so only interleaved ratios mean anything); per workload the median of each and of the round ratios."""
+    import statistics
+
+    offline = Offline(model, workloads, tokenizer, bias)
+    port = free_port()
+    rows = []
+    with running([*serve_cmd, "--host", "127.0.0.1", "--port", str(port)], port, "/tmp/compare-served.log") as url:
+        runs: dict[str, list[tuple[float, float]]] = {w.name: [] for w in workloads}
+        for r in range(rounds):
+            for w in workloads:
+                a = bench(url, w, tokenizer, bias)["output_throughput"]
+                b = offline.run(w)["output_throughput"]
+                runs[w.name].append((a, b))
+                print(f"{model:<14} round {r + 1} {w.name:<5} served {a:7.1f}  offline {b:7.1f} tok/s  {a / b:.0%}",
+                      flush=True)  # fmt: skip
+    for w in workloads:
+        pairs = runs[w.name]
+        rows.append({"model": model, "workload": w.name, "served": statistics.median(a for a, _ in pairs),
+                     "offline": statistics.median(b for _, b in pairs),
+                     "ratio": statistics.median(a / b for a, b in pairs), "rounds": pairs})  # fmt: skip
+    return rows
+
+
 def parse_plan(plan: str) -> list[tuple[str, list[Workload]]]:
     out = []
     for part in plan.split(";"):
@@ -117,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--extra", default="", help="extra flags for turbofan serve")
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--reference", default=None, help="llama-server results (a --json file) instead of running it")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the servers taking turns (medians reported)")
+    p.add_argument("--offline-rounds", type=int, default=0,
+                   help="then turbofan served and LLM.generate (no HTTP) taking turns on each workload, N rounds")
     args = p.parse_args(argv)
     from turbofan import kernels
     from turbofan.store import ModelStore
@@ -124,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     print(kernels.cpu_summary(), flush=True)
     store = ModelStore()
     plan = parse_plan(args.plan)
-    results = []
+    results, offline_rows = [], []
     if args.reference:
         with open(args.reference) as f:
             results = [r for r in json.load(f) if r["server"] == "llama-server"]
@@ -141,31 +207,44 @@ def main(argv: list[str] | None = None) -> None:
         }  # fmt: skip
         if args.reference:
             del servers["llama-server"]
-        for name, cmd in servers.items():
-            port = free_port()
-            cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
-            with running(cmd, port, f"/tmp/compare-{name}.log") as url:
-                for w in workloads:
-                    r = bench(url, w, tokenizer, bias)
-                    results.append({**r, "model": model, "server": name, "workload": w.name})
-                    print(f"{model:<14} {name:<13} {w.name:<5} {r['output_throughput']:7.1f} tok/s  "
-                          f"TTFT p50 {r['ttft_ms']['p50']:7.0f} ms  TPOT p50 {r['tpot_ms']['p50']:6.1f} ms", flush=True)  # fmt: skip
+        for round_ in range(args.rounds):  # the servers take turns, each alone on the CPU
+            for name, cmd in servers.items():
+                port = free_port()
+                cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
+                with running(cmd, port, f"/tmp/compare-{name}.log") as url:
+                    for w in workloads:
+                        r = bench(url, w, tokenizer, bias)
+                        results.append({**r, "model": model, "server": name, "workload": w.name, "round": round_})
+                        print(f"{model:<14} {name:<13} {w.name:<5} {r['output_throughput']:7.1f} tok/s  "
+                              f"TTFT p50 {r['ttft_ms']['p50']:7.0f} ms  TPOT p50 {r['tpot_ms']['p50']:6.1f} ms", flush=True)  # fmt: skip
+        if args.offline_rounds:
+            offline_rows += served_vs_offline(model, workloads, tokenizer, bias, servers["turbofan"],
+                                              args.offline_rounds)  # fmt: skip
     print()
     print("| model | workload | turbofan tok/s | llama-server tok/s | ratio | TTFT p50 turbofan / llama (ms) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for model, workloads in plan:
         for w in workloads:
             t, ll = (
-                next(r for r in results if r["model"] == model and r["server"] == s and r["workload"] == w.name)
+                [r for r in results if r["model"] == model and r["server"] == s and r["workload"] == w.name]
                 for s in ("turbofan", "llama-server")
             )
+            tok = [r["output_throughput"] for r in t], [r["output_throughput"] for r in ll]
+            # the ratio of each round's pair (a --reference run has one llama-server row for every round)
+            ratios = [a / ll[min(i, len(ll) - 1)]["output_throughput"] for i, a in enumerate(tok[0])]
             print(f"| {model} | {w.name} ({w.num_prompts} x {w.output_len}, c={w.concurrency}, in {w.input_len}) | "
-                  f"{t['output_throughput']:.1f} | {ll['output_throughput']:.1f} | "
-                  f"{t['output_throughput'] / ll['output_throughput']:.2f}x | "
-                  f"{t['ttft_ms']['p50']:.0f} / {ll['ttft_ms']['p50']:.0f} |")  # fmt: skip
+                  f"{median(tok[0]):.1f} | {median(tok[1]):.1f} | {median(ratios):.2f}x"
+                  f"{' (rounds: ' + ', '.join(f'{x:.2f}' for x in ratios) + ')' if len(ratios) > 1 else ''} | "
+                  f"{median(r['ttft_ms']['p50'] for r in t):.0f} / {median(r['ttft_ms']['p50'] for r in ll):.0f} |")  # fmt: skip
+    if offline_rows:
+        print()
+        print("| model | workload | served tok/s | offline tok/s | served / offline (median of rounds) |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in offline_rows:
+            print(f"| {r['model']} | {r['workload']} | {r['served']:.1f} | {r['offline']:.1f} | {r['ratio']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(results + offline_rows, f, indent=2)
 
 
 if __name__ == "__main__":
