@@ -2,8 +2,9 @@
 
     python -m turbofan.bench.embeddings [--model all-minilm] [--texts 256] [--rounds 5] [--chat smollm2:135m,gemma3:270m]
 
-Both sides embed the same short texts in one process, interleaved, and the medians are compared: turbofan's
-EmbeddingEngine as served (its own thread) and its `encode` on the calling thread, against
+Both sides embed the same short texts in one process, taking turns, and the medians are compared: turbofan's
+EmbeddingEngine as served (its own thread, started for its turn and stopped after it) and its `encode` on the
+calling thread, against
 `SentenceTransformer.encode` (batch_size 32, its default) on the very same model directory. Then each model is
 loaded through the ModelManager (the path a request takes), unloaded, and loaded again: seconds for each.
 """
@@ -34,25 +35,29 @@ async def embeddings_per_second(path: Path, texts: list[str], rounds: int) -> di
 
     from turbofan.engine.embedding import EmbeddingEngine
 
-    engine = EmbeddingEngine(path, "bench")
-    await engine.start()
     st = SentenceTransformer(str(path), device="cpu")
     served_s, direct_s, theirs_s = [], [], []
-
-    async def served() -> torch.Tensor:  # as the server runs it: the engine's own thread
-        return await engine.embed(engine.tokenize(texts, truncate=True))
+    # Each side alone on the CPU, as a user runs one or the other: the engine (its thread, with its own OpenMP
+    # thread team) runs only during its turn and is stopped before the others run. Two live OpenMP teams in one
+    # process on 2 cores make libgomp stop spin-waiting and slow every side down (see async_engine.py).
+    local = EmbeddingEngine(path, "bench-direct")
+    local.load()  # on this thread, where sentence-transformers runs too
 
     def direct() -> torch.Tensor:  # the same computation on the calling thread, where sentence-transformers runs
-        return engine.encode(engine.tokenize(texts, truncate=True))
+        return local.encode(local.tokenize(texts, truncate=True))  # (both sides' times include tokenizing)
 
     def theirs() -> torch.Tensor:
         return st.encode(texts, batch_size=32, convert_to_tensor=True)
 
-    await served(), direct(), theirs()  # warm up
+    direct(), theirs()  # warm up
     for _ in range(rounds):
+        engine = EmbeddingEngine(path, "bench")  # as the server runs it: the engine's own thread
+        await engine.start()
+        await engine.embed(engine.tokenize(texts[:8], truncate=True))  # warm up
         t0 = time.perf_counter()
-        a = await served()
+        a = await engine.embed(engine.tokenize(texts, truncate=True))
         served_s.append(time.perf_counter() - t0)
+        await engine.stop()
         t0 = time.perf_counter()
         direct()
         direct_s.append(time.perf_counter() - t0)
@@ -60,7 +65,6 @@ async def embeddings_per_second(path: Path, texts: list[str], rounds: int) -> di
         b = theirs()
         theirs_s.append(time.perf_counter() - t0)
     cosine = torch.nn.functional.cosine_similarity(a, b.float()).min().item()
-    await engine.stop()
     s, d, t = (statistics.median(x) for x in (served_s, direct_s, theirs_s))
     return {"texts": len(texts), "served_per_s": round(len(texts) / s, 1), "direct_per_s": round(len(texts) / d, 1),
             "sentence_transformers_per_s": round(len(texts) / t, 1), "served_ratio": round(t / s, 2),

@@ -183,14 +183,20 @@ class EmbeddingEngine(EngineClient):
 
     def batches(self, rows: list[list[int]]) -> list[list[int]]:
         """Row indices grouped for one forward each: sorted by length, as many rows as fit `batch_tokens` padded
-        (short texts go many to a forward: fewer, larger matmuls; similar lengths pad little)."""
+        while padding stays under 1/8 of the real tokens (padding is computed like real tokens: one group of 256
+        short texts padded to the longest ran 0.7x sentence-transformers' speed, groups of similar lengths 1x+)."""
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         groups: list[list[int]] = []
+        real = 0
         for i in order:
-            if groups and (len(groups[-1]) + 1) * len(rows[i]) <= self.batch_tokens:
+            n = len(rows[i])
+            padded = (len(groups[-1]) + 1) * n if groups else 0
+            if groups and padded <= self.batch_tokens and padded * 8 <= (real + n) * 9:
                 groups[-1].append(i)
+                real += n
             else:
                 groups.append([i])
+                real = n
         return groups
 
     @torch.inference_mode()
