@@ -95,3 +95,25 @@ def test_qkv_rope_equals_split_norm_rotate(isa, qk_norm):
     torch.testing.assert_close(q, layers.rotate(rq, cos, sin), **TOL)
     torch.testing.assert_close(k, layers.rotate(rk, cos, sin), **TOL)
     assert torch.equal(v, rv)
+
+
+@pytest.mark.parametrize("vocab, rows", [(49152, [0, 2, 1]), (100, [3, 0]), (33, [1]), (262144, [0])])
+def test_apply_token_bitmask_equals_the_unpacked_mask(vocab, rows):
+    """The grammar-mask op (constraints.GrammarMasks) against numpy's unpackbits: the same -inf positions, the
+    other logits untouched, rows not listed untouched, bits past the vocabulary ignored, popcounts as counts."""
+    import numpy as np
+
+    rng = np.random.default_rng(vocab)
+    logits = torch.from_numpy(rng.standard_normal((max(rows) + 2, vocab), dtype=np.float32))
+    words = (vocab + 31) // 32 + 1  # wider than needed, as GrammarMasks' buffer may be
+    bitmask = rng.integers(0, 2**32, (len(rows) + 1, words), dtype=np.uint32)
+    bitmask[0, : words // 2] = 0  # whole words banned
+    bitmask[-1 if len(rows) > 1 else 0, words // 2 :] = 0xFFFFFFFF  # whole words allowed, past the vocabulary too
+    bitmask = torch.from_numpy(bitmask.view(np.int32))
+    allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
+    expected = logits.clone()
+    for j, r in enumerate(rows):
+        expected[r, torch.from_numpy(~allowed[j])] = float("-inf")
+    counts = torch.ops.turbofan.apply_token_bitmask(logits, bitmask, torch.tensor(rows))
+    assert torch.equal(logits, expected)
+    assert counts.tolist() == allowed[: len(rows)].sum(axis=1).tolist()

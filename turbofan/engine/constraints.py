@@ -150,6 +150,7 @@ class GrammarMasks:
         self.num_threads = num_threads
         self._executor = None
         self._bitmask = torch.zeros(0, 0, dtype=torch.int32)
+        self._kernel: bool | None = None  # the own C++ op, when the kernels load and logits are float32
 
     def apply(self, logits: torch.Tensor, constraints: list[Constraint], rows: list[int]) -> np.ndarray:
         """In place: row `rows[j]` of `logits` keeps only the tokens `constraints[j]` allows (-inf elsewhere).
@@ -167,6 +168,12 @@ class GrammarMasks:
         self._executor.unsafe_compute_mask_ptr(
             [(c.matcher, j) for j, c in enumerate(constraints)], bitmask.data_ptr(), words * 4, bitmask.shape[0]
         )
+        if self._kernel is None:
+            from turbofan import kernels
+
+            self._kernel = kernels.available() and logits.dtype == torch.float32
+        if self._kernel and logits.dim() == 2 and logits.stride(1) == 1:  # one pass over the packed bits (turbofan/kernels/token_bitmask.cpp)
+            return torch.ops.turbofan.apply_token_bitmask(logits, bitmask, torch.tensor(rows, dtype=torch.long)).numpy()
         # unpack the inverted bits (little-endian: the bytes of the int32 words in order are the vocabulary in
         # order, least significant bit first) straight into a bool "banned" mask; numpy's unpackbits is one
         # vectorised pass where shifting int32 words costs several
