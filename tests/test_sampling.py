@@ -650,3 +650,21 @@ def test_errors_are_understandable():
         SamplingParams(top_p=1.5)
     msg = str(info.value)
     assert "(0, 1]" in msg and "1.5" in msg
+
+
+def test_truncated_rows_sampled_by_width_draw_what_each_row_draws_alone():
+    """Rows of small top-k and wide rows are drawn apart (one topk as wide as the widest row would make every row
+    pay for it); a row's token must not change with its batch mates' widths."""
+    from turbofan.engine.sampler import _sample_truncated, _sample_truncated_by_width
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * 3
+    top_k = torch.tensor([1, 5, 1000, 40, 5000, 64])
+    top_p = torch.tensor([1.0, 0.9, 0.95, 1.0, 0.8, 1.0])
+    temp, min_p = torch.full((6,), 0.8), torch.zeros(6)
+    for trial in range(30):
+        u = torch.rand(6, generator=g, dtype=torch.float64)
+        together = _sample_truncated_by_width(logits.clone(), temp, top_k, top_p, min_p, u)
+        alone = [int(_sample_truncated(logits[i : i + 1].clone(), temp[i : i + 1], top_k[i : i + 1],
+                                       top_p[i : i + 1], min_p[i : i + 1], u[i : i + 1])[0]) for i in range(6)]  # fmt: skip
+        assert together.tolist() == alone, trial

@@ -144,19 +144,24 @@ def _describe(kind: str) -> str:
 
 
 class GrammarMasks:
-    """Masks the logits of a step's constrained rows; the bitmask buffer grows to the largest batch seen."""
+    """Masks the logits of a step's constrained rows; the bitmask buffer grows to the largest batch seen.
+
+    `start` fills the bitmasks on a worker thread while the forward runs (llguidance drops the GIL; the masks
+    depend only on the tokens consumed before this step), and `apply` waits for them: on a 2-core CPU the forward's
+    OpenMP threads spend the gaps between operators spinning, which the mask work then uses (vLLM likewise
+    computes the bitmask while the GPU runs). Without a `start`, `apply` fills them itself."""
 
     def __init__(self, num_threads: int | None = None):
         self.num_threads = num_threads
         self._executor = None
         self._bitmask = torch.zeros(0, 0, dtype=torch.int32)
         self._kernel: bool | None = None  # the own C++ op, when the kernels load and logits are float32
+        self._worker = None
+        self._pending = None  # (future, constraints, vocab) of the fill running for this step
 
-    def apply(self, logits: torch.Tensor, constraints: list[Constraint], rows: list[int]) -> np.ndarray:
-        """In place: row `rows[j]` of `logits` keeps only the tokens `constraints[j]` allows (-inf elsewhere).
-        Returns how many tokens each row allows."""
-        n, vocab = len(rows), logits.shape[-1]
+    def _fill(self, constraints: list[Constraint], vocab: int) -> torch.Tensor:
         words = (vocab + 31) // 32
+        n = len(constraints)
         if self._bitmask.shape[0] < n or self._bitmask.shape[1] != words:
             self._bitmask = torch.zeros(max(n, 2 * self._bitmask.shape[0]), words, dtype=torch.int32)
         bitmask = self._bitmask
@@ -168,12 +173,34 @@ class GrammarMasks:
         self._executor.unsafe_compute_mask_ptr(
             [(c.matcher, j) for j, c in enumerate(constraints)], bitmask.data_ptr(), words * 4, bitmask.shape[0]
         )
+        return bitmask
+
+    def start(self, constraints: list[Constraint], vocab: int) -> None:
+        """Begin filling this step's bitmasks in the background (call before the forward)."""
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="turbofan-grammar")
+        self._pending = (self._worker.submit(self._fill, constraints, vocab), constraints, vocab)
+
+    def apply(self, logits: torch.Tensor, constraints: list[Constraint], rows: list[int]) -> np.ndarray:
+        """In place: row `rows[j]` of `logits` keeps only the tokens `constraints[j]` allows (-inf elsewhere).
+        Returns how many tokens each row allows."""
+        n, vocab = len(rows), logits.shape[-1]
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[1] == constraints and pending[2] == vocab:
+            bitmask = pending[0].result()
+        else:
+            if pending is not None:  # started for other rows (never in the engine's step): wait, then refill
+                pending[0].result()
+            bitmask = self._fill(constraints, vocab)
         if self._kernel is None:
             from turbofan import kernels
 
             self._kernel = kernels.available() and logits.dtype == torch.float32
-        if self._kernel and logits.dim() == 2 and logits.stride(1) == 1:  # one pass over the packed bits (turbofan/kernels/token_bitmask.cpp)
-            return torch.ops.turbofan.apply_token_bitmask(logits, bitmask, torch.tensor(rows, dtype=torch.long)).numpy()
+        if self._kernel and logits.dim() == 2 and logits.stride(1) == 1:  # one pass (kernels/token_bitmask.cpp)
+            rows_t = torch.tensor(rows, dtype=torch.long)
+            return torch.ops.turbofan.apply_token_bitmask(logits, bitmask, rows_t).numpy()
         # unpack the inverted bits (little-endian: the bytes of the int32 words in order are the vocabulary in
         # order, least significant bit first) straight into a bool "banned" mask; numpy's unpackbits is one
         # vectorised pass where shifting int32 words costs several

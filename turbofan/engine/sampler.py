@@ -137,13 +137,13 @@ class Sampler:
         temp, top_k, top_p, min_p = batch.temperature, batch.top_k.clamp(max=vocab), batch.top_p, batch.min_p
         truncated = (top_k < vocab) | (top_p < 1)
         if bool(truncated.all()):
-            return _sample_truncated(logits, temp, top_k, top_p, min_p, u)
+            return _sample_truncated_by_width(logits, temp, top_k, top_p, min_p, u)
         if not bool(truncated.any()):
             return _sample_full(logits, temp, min_p, u)
         tokens = torch.empty(logits.shape[0], dtype=torch.long)
         t = truncated.nonzero()[:, 0]
         f = (~truncated).nonzero()[:, 0]
-        tokens[t] = _sample_truncated(logits[t], temp[t], top_k[t], top_p[t], min_p[t], u[t])
+        tokens[t] = _sample_truncated_by_width(logits[t], temp[t], top_k[t], top_p[t], min_p[t], u[t])
         tokens[f] = _sample_full(logits[f], temp[f], min_p[f], u[f])
         return tokens
 
@@ -205,6 +205,25 @@ def _invert_blocks(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     icdf = inner.cumsum(-1, dtype=torch.float64)
     j = torch.searchsorted(icdf, (target - before)[:, None], right=True)[:, 0]
     return b * BLOCK + torch.minimum(j, _last_positive(inner))
+
+
+SMALL_TOP_K = 64
+
+
+def _sample_truncated_by_width(
+    logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+    u: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """_sample_truncated over rows of small top-k and the others apart: one `topk` as wide as the widest row would
+    make every row pay for it (a grammar-constrained row allowing 1,000 tokens beside rows forced to one token).
+    A row's token does not depend on the width it is drawn at: columns past its own k have probability 0."""
+    small = top_k <= SMALL_TOP_K
+    if bool(small.all()) or not bool(small.any()):
+        return _sample_truncated(logits, temp, top_k, top_p, min_p, u)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long)
+    for rows in (small.nonzero()[:, 0], (~small).nonzero()[:, 0]):
+        tokens[rows] = _sample_truncated(logits[rows], temp[rows], top_k[rows], top_p[rows], min_p[rows], u[rows])
+    return tokens
 
 
 def _sample_truncated(
