@@ -117,3 +117,18 @@ def test_apply_token_bitmask_equals_the_unpacked_mask(vocab, rows):
     counts = torch.ops.turbofan.apply_token_bitmask(logits, bitmask, torch.tensor(rows))
     assert torch.equal(logits, expected)
     assert counts.tolist() == allowed[: len(rows)].sum(axis=1).tolist()
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load():
+    """cpp_extension's plain `lock` file, left in the cache folder by a build killed midway, made every later load
+    wait on it forever; turbofan's flock (dropped by the OS with its process) lets the next load remove it."""
+    import subprocess
+    import sys
+
+    _, build = kernels._sources()
+    stale = build / "lock"
+    stale.write_text("")
+    code = "from turbofan import kernels; assert kernels.available(), kernels.unavailable_reason()"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not stale.exists()

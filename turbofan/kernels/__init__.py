@@ -109,6 +109,41 @@ def _ensure_ninja_on_path() -> None:
         pass
 
 
+def _sources() -> tuple[str, Path]:
+    """The one translation unit's text, and the cache folder its build lives in (keyed by source and toolchain)."""
+    here = Path(__file__).parent
+    text = "\n".join((here / name).read_text() for name in SOURCES)
+    headers = "".join(p.read_text() for p in sorted(here.glob("*.h")))  # included by the sources
+    return text, _build_dir(text + headers)
+
+
+@contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """One turbofan process builds or loads a cache folder at a time, under an flock the OS drops if the process
+    dies. cpp_extension's own lock is a plain file (`lock`) that a build killed midway (Ctrl+C, OOM, a test
+    timeout) leaves behind, and every later load then waits on it forever; under our flock no other builder can
+    be running, so such a file is stale and goes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: cpp_extension's own lock only
+        yield
+        return
+    with open(build / ".turbofan-build.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building the kernels in %s", build)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a kernel build that was interrupted", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _load() -> None:
     from torch.utils import cpp_extension
 
@@ -116,28 +151,27 @@ def _load() -> None:
         raise RuntimeError("no C++ compiler (c++) on PATH")
     _ensure_ninja_on_path()
     here = Path(__file__).parent
-    text = "\n".join((here / name).read_text() for name in SOURCES)
-    headers = "".join(p.read_text() for p in sorted(here.glob("*.h")))  # included by the sources
-    build = _build_dir(text + headers)
+    text, build = _sources()
     build.mkdir(parents=True, exist_ok=True)
     cached = any(build.glob("*.so"))
     t0 = time.perf_counter()
     if not cached:
         log.info("compiling turbofan kernels (first use, cached in %s)", build)
-    source = build / "turbofan_kernels.cpp"
-    if not source.is_file() or source.read_text() != text:
-        source.write_text(text)
-    # load(), not load_inline(): the latter prepends <torch/extension.h> (pybind11 and all), doubling build time.
-    cpp_extension.load(
-        name="turbofan_kernels",
-        sources=[str(source)],
-        extra_include_paths=[str(here)],
-        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build),
-        is_python_module=False,
-        verbose=False,
-    )
+    with _build_lock(build):
+        source = build / "turbofan_kernels.cpp"
+        if not source.is_file() or source.read_text() != text:
+            source.write_text(text)
+        # load(), not load_inline(): the latter prepends <torch/extension.h> (pybind11 and all), doubling build time.
+        cpp_extension.load(
+            name="turbofan_kernels",
+            sources=[str(source)],
+            extra_include_paths=[str(here)],
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            is_python_module=False,
+            verbose=False,
+        )
     log.info(
         "turbofan kernels %s in %.1f s (%s)",
         "loaded" if cached else "compiled",
