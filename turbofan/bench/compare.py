@@ -117,20 +117,19 @@ class Offline:
         from turbofan import LLM, SamplingParams
 
         tok = bench_serve.load_tokenizer(tokenizer)
-        self.prompts: dict[str, list[str]] = {}
-        for w in workloads:
-            rng = random.Random(0)  # bench serve's default seed and order: the same prompts as the served run
-            lengths = [(bench_serve.sample_lengths(rng, w.input_len, 0.0), bench_serve.sample_lengths(rng, w.output_len, 0.0))
-                       for _ in range(w.num_prompts)]  # fmt: skip
-            self.prompts[w.name] = [bench_serve.make_prompt(rng, n, tok, i) for i, (n, _) in enumerate(lengths)]
+        self.prompts = {  # bench serve's default seed 0: the same prompts as the served run
+            w.name: bench_serve.make_workload(random.Random(0), tok, w.num_prompts, w.input_len, w.output_len)[1]
+            for w in workloads
+        }
         self.llms = {c: LLM(model, max_num_seqs=c, log_stats_interval=0) for c in {w.concurrency for w in workloads}}
         for llm in self.llms.values():
             llm.generate(["warm up"], SamplingParams(max_tokens=4), use_tqdm=False)
         self.bias = {int(k): v for k, v in json.loads(bias).items()}
-        self.params = SamplingParams
 
     def run(self, w: Workload) -> dict:
-        params = self.params(temperature=0.0, max_tokens=w.output_len, logit_bias=self.bias)
+        from turbofan import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=w.output_len, logit_bias=self.bias)
         start = time.perf_counter()
         outs = self.llms[w.concurrency].generate(self.prompts[w.name], params, use_tqdm=False)
         duration = time.perf_counter() - start
@@ -142,8 +141,6 @@ def served_vs_offline(model: str, workloads: list[Workload], tokenizer: str, bia
                       rounds: int) -> list[dict]:  # fmt: skip
     """Served and offline taking turns on each workload, `rounds` times (ABAB: this machine's speed drifts between
     minutes, so only interleaved ratios mean anything); per workload the median of each and of the round ratios."""
-    import statistics
-
     offline = Offline(model, workloads, tokenizer, bias)
     port = free_port()
     rows = []
@@ -158,9 +155,9 @@ def served_vs_offline(model: str, workloads: list[Workload], tokenizer: str, bia
                       flush=True)  # fmt: skip
     for w in workloads:
         pairs = runs[w.name]
-        rows.append({"model": model, "workload": w.name, "served": statistics.median(a for a, _ in pairs),
-                     "offline": statistics.median(b for _, b in pairs),
-                     "ratio": statistics.median(a / b for a, b in pairs), "rounds": pairs})  # fmt: skip
+        rows.append({"model": model, "workload": w.name, "served": median(a for a, _ in pairs),
+                     "offline": median(b for _, b in pairs), "ratio": median(a / b for a, b in pairs),
+                     "rounds": pairs})  # fmt: skip
     return rows
 
 

@@ -96,6 +96,15 @@ def sample_lengths(rng: random.Random, mean: int, ratio: float) -> int:
     return rng.randint(low, high)
 
 
+def make_workload(
+    rng: random.Random, tokenizer, num_prompts: int, input_len: int, output_len: int, ratio: float = 0.0
+) -> tuple[list[tuple[int, int]], list[str]]:
+    """(input, output) lengths and the prompts of a run, drawn from `rng` in a fixed order, so the same seed gives
+    the same requests (bench compare runs them offline too)."""
+    lengths = [(sample_lengths(rng, input_len, ratio), sample_lengths(rng, output_len, ratio)) for _ in range(num_prompts)]
+    return lengths, [make_prompt(rng, n, tokenizer, i) for i, (n, _) in enumerate(lengths)]
+
+
 # -- one request --------------------------------------------------------------------------------------------------
 async def send(client, url: str, payload: dict, chat: bool) -> RequestResult:
     result = RequestResult()
@@ -202,12 +211,8 @@ async def run(args: argparse.Namespace) -> dict:
     async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(6 * 3600), limits=limits) as client:
         if not args.model:
             args.model = await resolve_model(client, base)
-        lengths = [
-            (sample_lengths(rng, args.input_len, args.random_range_ratio),
-             sample_lengths(rng, args.output_len, args.random_range_ratio))
-            for _ in range(args.num_prompts)
-        ]  # fmt: skip
-        prompts = [make_prompt(rng, i_len, tokenizer, i) for i, (i_len, _) in enumerate(lengths)]
+        lengths, prompts = make_workload(rng, tokenizer, args.num_prompts, args.input_len, args.output_len,
+                                         args.random_range_ratio)  # fmt: skip
         if args.warmup:  # a prompt of its own, so that no measured prompt is in a prefix cache before it is sent
             warm_prompt = make_prompt(rng, min(args.input_len, 16), tokenizer, args.num_prompts)
             warm = await send(client, url, build_payload(args, warm_prompt, 4, chat), chat)

@@ -178,10 +178,7 @@ class Engine:
             if batch is None:  # nothing to run; sequences the cache could not hold still get their last delta
                 return self.output_processor.process(sched, SamplerOutput([])) if sched.truncated else []
             self.runner.copy_blocks(sched.copies)
-            if batch.sampling.constrained_rows:  # the grammar masks fill while the forward runs
-                sampling = batch.sampling
-                masks = [sampling.seqs[i].constraint for i in sampling.constrained_rows]
-                self.sampler.grammar_masks.start(masks, self.grammars.vocab_size)
+            self.sampler.start_grammar_masks(batch.sampling, self.grammars.vocab_size)  # filled during the forward
             start = time.perf_counter()
             logits = self.runner.execute(batch.forward)
             sampled = self.sampler.sample(logits, batch.sampling)

@@ -50,6 +50,11 @@ class Sampler:
         self.logits_processors = list(logits_processors or [])
         self.grammar_masks = GrammarMasks()
 
+    def start_grammar_masks(self, batch: SamplingBatch, vocab: int) -> None:
+        """Begin filling the constrained rows' bitmasks, so they are computed while the forward runs."""
+        if batch.constrained_rows:
+            self.grammar_masks.start(_constraints(batch), vocab)
+
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """`logits` holds every logits row of the step; `batch.rows` are the ones sampled (a fork shares its
@@ -60,9 +65,8 @@ class Sampler:
             logits = logits[batch.rows]
         raw = logits[batch.logprob_rows].log_softmax(-1) if batch.logprob_rows else None
         if batch.constrained_rows:  # before everything else, so penalties and bias cannot revive a banned token
-            rows = batch.constrained_rows
-            allowed = self.grammar_masks.apply(logits, [batch.seqs[i].constraint for i in rows], rows)
-            narrow_top_k(batch, rows, allowed)
+            allowed = self.grammar_masks.apply(logits, _constraints(batch), batch.constrained_rows)
+            narrow_top_k(batch, batch.constrained_rows, allowed)
         if batch.penalties is not None:
             _penalise(logits, batch.penalties)
         if batch.banned:
@@ -146,6 +150,11 @@ class Sampler:
         tokens[t] = _sample_truncated_by_width(logits[t], temp[t], top_k[t], top_p[t], min_p[t], u[t])
         tokens[f] = _sample_full(logits[f], temp[f], min_p[f], u[f])
         return tokens
+
+
+def _constraints(batch: SamplingBatch) -> list:
+    """The grammar matchers of the batch's constrained rows, in row order."""
+    return [batch.seqs[i].constraint for i in batch.constrained_rows]
 
 
 def _penalise(logits: torch.Tensor, p: Penalties) -> None:
