@@ -181,6 +181,9 @@ class Generation:
             now = time.time()
             if self._seen_tokens:  # the first token is TTFT, not ITL
                 self.ctx.metrics.observe_itl(now - self._last_time, new, self.model)
+            elif new > 1 and delta.metrics.first_token_time:  # later tokens came merged with the first (a reader
+                # that fell behind, a fast engine): they are ITL samples too, spread since the first token
+                self.ctx.metrics.observe_itl(now - delta.metrics.first_token_time, new - 1, self.model)
             self._last_time, self._seen_tokens = now, True
         if delta.finished:
             self._record()
