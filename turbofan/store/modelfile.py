@@ -103,7 +103,9 @@ def parse_modelfile(text: str) -> Modelfile:
         elif command == "LICENSE":
             continue
         else:
-            raise ModelfileError(f"line {number}: {command} is not supported (FROM, PARAMETER, SYSTEM, TEMPLATE are)")
+            raise ModelfileError(
+                f"line {number}: {command} is not supported (FROM, PARAMETER, SYSTEM, TEMPLATE are)"
+            )
     if not mf.from_:
         raise ModelfileError("the Modelfile has no FROM line: name the local model it is a variant of")
     mf.parameters = coerce_parameters(raw)

