@@ -32,7 +32,14 @@ import torch
 log = logging.getLogger("turbofan.kernels")
 
 # one translation unit, in this order
-SOURCES = ("common.cpp", "quant_matmul.cpp", "fused_ops.cpp", "paged_attention.cpp", "token_bitmask.cpp")
+SOURCES = (
+    "common.cpp",
+    "quant_matmul.cpp",
+    "fused_ops.cpp",
+    "paged_attention.cpp",
+    "token_bitmask.cpp",
+    "decoder_stack.cpp",
+)
 ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
 _lock = threading.Lock()
 _state: dict[str, object] = {}

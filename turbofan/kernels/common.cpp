@@ -1,6 +1,7 @@
 // Shared by every turbofan kernel source (the sources are compiled as one translation unit, this one first).
 // The ISA level is decided in Python (turbofan/kernels/__init__.py: detected, capped by TURBOFAN_ISA or
 // ATEN_CPU_CAPABILITY) and set here once; each kernel dispatches on it per call. Nothing is chosen at build time.
+#include <torch/custom_class.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -28,6 +28,12 @@ static inline VF vf_mul(VF a, VF b) { return TF_MM(mul_ps)(a, b); }
 static inline VF vf_fmadd(VF a, VF b, VF c) { return TF_MM(fmadd_ps)(a, b, c); }
 static inline void vf_store(float* p, VF v) { TF_MM(storeu_ps)(p, v); }
 
+// How far ahead of the block being multiplied its weights are prefetched: at batch 1 a decode step streams every
+// weight from DRAM once, and the dots between loads leave the hardware prefetcher short of the stream (measured on
+// Zen 4, 30 layers of SmolLM2's projections: 2,048 bytes ahead 5-13% faster than none, 1 or 2 threads; further
+// ahead no better).
+constexpr int64_t kPrefetchBytes = 2048;
+
 // MR activation rows against kLanes output channels (one lane group of a 16-row panel), over all K blocks.
 template <int MR, bool Q4>
 static inline void panel_tile(const uint8_t* w, const at::Half* wd, const at::Half* wm, const int32_t* wsum,
@@ -41,6 +47,12 @@ static inline void panel_tile(const uint8_t* w, const at::Half* wd, const at::Ha
     VI dots[MR];
     for (int r = 0; r < MR; ++r) dots[r] = vi_zero();
     const uint8_t* wb = w + b * kBlockBytes + half * kLanes * 4;
+    for (int g = 0; g < kGroups; ++g) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBytes + g * 64), _MM_HINT_T0);
+    if ((b & 1) == 0) {  // the block scales (and mins): 32 bytes a block, one line every second block
+      const int64_t ahead = (b + kPrefetchBytes / kBlockBytes) * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(wd + ahead), _MM_HINT_T0);
+      if constexpr (Q4) _mm_prefetch(reinterpret_cast<const char*>(wm + ahead), _MM_HINT_T0);
+    }
     for (int g = 0; g < kGroups; ++g) {
       const VI raw = vi_load(wb + g * 64);
       if constexpr (Q4) {

@@ -139,6 +139,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Parameter(empty, requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.fused = False
+        # Every layer as one C++ call (turbofan/kernels/decoder_stack.cpp), built by use_fused_ops; None = per layer.
+        self.stack = None
         # Tensor parallelism: an object with embed(ids, weight) and gather(logits) over the ranks' vocabulary rows.
         self.vocab_parallel = None
         # Layers that share rope parameters share one cos/sin computation per step.
@@ -163,6 +165,8 @@ class CausalLM(nn.Module):
         self.fused = on
         for layer in self.layers:
             layer.fused = on
+        # Tensor parallel layers all-reduce between their matmuls: they stay per layer.
+        self.stack = build_stack(self) if on and not any(la.all_reduce for la in self.layers) else None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -177,6 +181,19 @@ class CausalLM(nn.Module):
             freqs = positions.to(torch.float32)[:, None] * inv.to(positions.device)[None, :]
             emb = freqs.cos().to(x.dtype)[:, None, :], freqs.sin().to(x.dtype)[:, None, :]
             rope_of_layer.update(dict.fromkeys(members, emb))
+        if self.stack is not None and meta.use_kernel and not torch.compiler.is_compiling():
+            x = self.stack.forward(
+                x,
+                [rope_of_layer[members[0]][0] for _inv, members in self.rope_groups],
+                [rope_of_layer[members[0]][1] for _inv, members in self.rope_groups],
+                kv_cache,
+                meta.slot_mapping,
+                meta.block_tables,
+                meta.query_start_loc,
+                meta.context_lens,
+                meta.block_size,
+            )
+            return rms_norm(x, self.final_norm, self.args.rms_norm_eps, self.fused)
         for i, layer in enumerate(self.layers):
             cos, sin = rope_of_layer[i]
             x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
@@ -191,3 +208,40 @@ class CausalLM(nn.Module):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _linear_slots(weight, bias: torch.Tensor | None) -> list[torch.Tensor]:
+    """A linear's four DecoderStack slots and its bias: a float weight, or a QuantLinear's codes, scales, mins,
+    wsum (its bias lives in the QuantLinear)."""
+    none = torch.empty(0)
+    if isinstance(weight, torch.Tensor):
+        return [weight, none, none, none, none if bias is None else bias]
+    q = weight.q
+    opt = [none if t is None else t for t in (q.mins, q.wsum, weight.bias)]
+    return [q.qweight, q.scales, *opt]
+
+
+def build_stack(model: CausalLM):
+    """The model's layers as one `turbofan::DecoderStack` (the slot order of turbofan/kernels/decoder_stack.cpp),
+    or None where the attention kernel would not serve the layers (a KV cache dtype it does not read is checked
+    per step through meta.use_kernel; here the head layout)."""
+    none = torch.empty(0)
+    rope_index = {i: g for g, (_inv, members) in enumerate(model.rope_groups) for i in members}
+    weights: list[torch.Tensor] = []
+    for la in model.layers:
+        qkv = _linear_slots(la.qkv_weight, la.qkv_bias)
+        o, gate_up, down = (_linear_slots(w, None)[:4] for w in (la.o_weight, la.gate_up_weight, la.down_weight))
+        norms = [none if t is None else t for t in (la.q_norm, la.k_norm)]
+        post_attn, post_mlp = (none if t is None else t for t in (la.post_attn_norm, la.post_mlp_norm))
+        weights += [la.input_norm, *qkv, *norms, *o, post_attn, la.pre_mlp_norm, *gate_up, *down, post_mlp]
+    a = model.layers[0].args if len(model.layers) else model.args
+    return torch.classes.turbofan.DecoderStack(
+        [w.detach() for w in weights],
+        [la.window or 0 for la in model.layers],
+        [rope_index[i] for i in range(len(model.layers))],
+        a.num_heads,
+        a.num_kv_heads,
+        float(a.rms_norm_eps),
+        float(a.scale),
+        a.hidden_act != "silu",
+    )
