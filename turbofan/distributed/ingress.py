@@ -23,7 +23,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from turbofan.distributed.affinity import prefix_key
+from turbofan.distributed.affinity import request_prefixes
 from turbofan.server.errors import is_ollama_path, openai_error_body
 from turbofan.server.guard import BODY_METHODS, RequestRejected, read_body, send_error
 from turbofan.server.openai_api import sse
@@ -35,7 +35,7 @@ FORWARDED = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_pa
              "headers", "client", "server")  # fmt: skip
 DIED = "the replica serving this request died (Ray is restarting it); retry the request"
 
-EngineCall = Callable[[dict, bytes, "str | None"], AsyncIterator[dict]]
+EngineCall = Callable[[dict, bytes, list[str]], AsyncIterator[dict]]
 
 
 def stream_error(content_type: str, path: str, status: int, message: str) -> bytes:
@@ -72,7 +72,7 @@ class Ingress:
         content_type, done = None, False
         try:
             async for message in self.call(
-                {k: scope[k] for k in FORWARDED if k in scope}, body, prefix_key(path, body)
+                {k: scope[k] for k in FORWARDED if k in scope}, body, request_prefixes(path, body)
             ):
                 if message["type"] == "http.response.start":
                     headers = dict(message.get("headers") or [])

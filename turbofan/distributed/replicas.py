@@ -150,7 +150,7 @@ def _engine_deployment(num_replicas: int, threads: int, threshold: int):
             self.lifespan = LifespanOn(Config(self.app, lifespan="on", log_config=None))
             await self.lifespan.startup()
 
-        async def http(self, scope: dict, body: bytes, prefix: str | None = None):
+        async def http(self, scope: dict, body: bytes, prefix: list[str] | None = None):
             """One HTTP request read by the ingress; yields the app's ASGI messages. (`prefix` is for the router.)"""
             from turbofan.distributed.relay import relay
 
@@ -204,7 +204,7 @@ def _ingress_deployment():
             # the key is checked before a body is read (the engine replica checks it again)
             return APIKeyMiddleware(app, self.settings.api_key) if self.settings.api_key else app
 
-        async def _call(self, scope: dict, body: bytes, prefix: str | None):
+        async def _call(self, scope: dict, body: bytes, prefix: list[str]):
             stream = self.engine.options(stream=True).http.remote(scope, body, prefix=prefix)
             try:
                 async for message in stream:
