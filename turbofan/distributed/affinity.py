@@ -14,8 +14,8 @@ each hash was last sent to. A request goes to the replica of its longest remembe
 conversation starts with the whole previous prompt, so it finds the previous turn's replica — unless that replica
 has more than `threshold` requests outstanding above the least loaded one; otherwise (or when nothing matches:
 a new prefix, or one shorter than 64 characters, under one 16-token block) to the replica with the fewest
-outstanding requests, ties broken at random. The text up to the last user turn is what later requests share; the
-last turn's own hashes are remembered too, since the next turn will start with it.
+outstanding requests, ties broken at random. The whole prompt is hashed, the last user turn included: the lookup
+finds no match for the part that is new, and the next turn starts with all of it, so its hashes are worth keeping.
 """
 
 from __future__ import annotations
