@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch first, pinned to the CPU wheel; a range it satisfies then installs nothing more.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'  # ray: tests/test_replicas.py's Ray tests (~70 s) run, not skip
 	touch $@
 
 install: $(VENV)/.installed

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, default=None, help="engines as Ray Serve replicas (needs turbofan[ray])")
     s.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' after `ray start`)")
     s.add_argument("--replica-threads", type=int, default=None, help="torch threads per replica (default: cores/N)")
+    s.add_argument("--affinity-threshold", type=int, default=None,
+                   help="replicas: requests a prompt prefix's replica may have outstanding above the least loaded "
+                        "one before the request goes elsewhere (default 4; negative: no prefix affinity)")  # fmt: skip
     s.add_argument("--max-loaded-models", type=int, default=3, help="models loaded at once (others load on demand)")
     s.add_argument(
         "--memory-budget", default=None, help="memory for loaded models: '8GiB', or a fraction of free RAM (default 0.8)"
@@ -325,7 +328,9 @@ def _serve_replicas(args: argparse.Namespace, config, settings) -> int:
         return 2
     replicas = args.replicas or 1
     threads = args.replica_threads or max(1, len(os.sched_getaffinity(0)) // replicas)
-    return serve_replicas(config, settings, args.host, args.port, replicas, args.ray_address, threads)
+    return serve_replicas(
+        config, settings, args.host, args.port, replicas, args.ray_address, threads, args.affinity_threshold
+    )
 
 
 # -- run ----------------------------------------------------------------------------------------------------------

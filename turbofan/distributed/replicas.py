@@ -1,11 +1,13 @@
-"""`turbofan serve --replicas N`: N engines as Ray Serve replicas behind Ray's one HTTP proxy.
+"""`turbofan serve --replicas N`: N engines as Ray Serve replicas behind one HTTP front that speaks both APIs.
 
-Each replica is a whole turbofan server (create_app: both APIs, its own engine and KV cache) wrapped as a Ray Serve
-ingress deployment; Ray's proxy is the one HTTP endpoint and its router sends each request to the replica with
-the fewest requests outstanding of two it samples (with 2 replicas: the less busy one). Ray restarts a replica
-whose process dies; the requests it had in flight end with an error from the proxy, the others go on. /metrics
-on any replica shows every replica's metrics, each sample labelled replica="...": replicas publish their
-Prometheus text to a small named actor every few seconds.
+Two Serve deployments in one application: `ingress` (ingress.py, one light replica behind Ray's HTTP proxy) reads
+each request, keys it by its prompt prefix (affinity.py) and calls `engine` through a handle whose request router
+(router.py) picks the replica: the one with the fewest requests outstanding, or the one the prefix prefers while
+that one is not more than a threshold busier. Each `engine` replica is a whole turbofan server (create_app: both
+APIs, its own engine and KV cache) that runs the relayed request (relay.py) and streams its answer back. Ray
+restarts a replica whose process dies; the requests it had in flight end with an error in their API's format
+(ingress.py). /metrics on any replica shows every replica's metrics, each sample labelled replica="...": replicas
+publish their Prometheus text to a small named actor every few seconds.
 
 On one machine `--replicas N` starts a local Ray; on a cluster, `ray start --head` on one node, `ray start
 --address HEAD:6379` on the others, then `turbofan serve --replicas N --ray-address auto` places replicas on any
@@ -14,12 +16,13 @@ node (each node needs turbofan installed and the model store at the same TURBOFA
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
 import signal
 import time
+
+from turbofan.distributed.affinity import DEFAULT_THRESHOLD
 
 log = logging.getLogger("turbofan.replicas")
 APP_NAME = "turbofan"
@@ -68,18 +71,6 @@ def merge(texts: dict[str, str]) -> str:
     return "\n".join(line for f in order for line in families[f]) + "\n"
 
 
-class StartFirst:
-    """ASGI middleware that awaits `start()` before the first HTTP request goes through."""
-
-    def __init__(self, app, start):
-        self.app, self.start = app, start
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            await self.start()
-        await self.app(scope, receive, send)
-
-
 def _board_class():
     import ray
 
@@ -100,58 +91,71 @@ def _board_class():
     return MetricsBoard
 
 
-def _deployment(num_replicas: int, threads: int):
+REPLICA_HEADER = "x-turbofan-replica"  # names the engine replica that answered (tests, debugging)
+
+
+def _engine_deployment(num_replicas: int, threads: int, threshold: int):
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from turbofan.distributed.router import PrefixAffinityRouter
 
     @serve.deployment(
-        name="turbofan",
+        name="engine",
         num_replicas=num_replicas,
-        ray_actor_options={"num_cpus": threads, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}},
+        ray_actor_options={
+            "num_cpus": threads,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+        },
         max_ongoing_requests=256,
         health_check_period_s=PUBLISH_SECONDS,
         health_check_timeout_s=60,
+        request_router_config=RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter, request_router_kwargs={"threshold": threshold}
+        ),
     )
-    @serve.ingress()
-    class TurbofanReplica:
-        """One turbofan server (engine + both APIs) as a Ray Serve replica."""
+    class EngineReplica:
+        """One turbofan server (engine + both APIs) as a Ray Serve replica, called by the ingress."""
 
-        def __init__(self, config, settings, threads: int):
+        async def __init__(self, config, settings, threads: int):
             import torch
             import transformers.models.auto.tokenization_auto  # noqa: F401
-
-            # (transformers imported here, on the replica's main thread: its lazy module, first touched from the
-            # engine thread inside a Ray replica, failed with "cannot import name 'AutoTokenizer'".)
-            torch.set_num_threads(threads)
-            self.config, self.settings = config, settings
-            self.replica = serve.get_replica_context().replica_tag
-            self.board = None
-
-        def __serve_build_asgi_app__(self):
             from starlette.responses import Response
             from starlette.routing import Route
+            from uvicorn.config import Config
+            from uvicorn.lifespan.on import LifespanOn
 
             from turbofan.assembly import build_engine
             from turbofan.server import create_app
 
-            app = create_app(lambda: build_engine(self.config), self.settings)
-            self.ctx = app.state.ctx
+            # (transformers imported here, on the replica's main thread: its lazy module, first touched from the
+            # engine thread inside a Ray replica, failed with "cannot import name 'AutoTokenizer'".)
+            torch.set_num_threads(threads)
+            self.replica = serve.get_replica_context().replica_tag
+            self.board = None
+            self.headers = [(REPLICA_HEADER.encode(), self.replica.encode())]
+            if settings.debug_endpoints:  # the process to `kill -9` in the tests, to attach py-spy to
+                self.headers.append((REPLICA_HEADER.encode() + b"-pid", str(os.getpid()).encode()))
+            self.app = create_app(lambda: build_engine(config), settings)
+            self.ctx = self.app.state.ctx
 
             async def all_metrics(_request) -> Response:
                 texts = await self._board().collect.remote()
                 texts[self.replica] = self.ctx.metrics.render()[0].decode()
                 return Response(merge(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-            app.router.routes.insert(0, Route("/metrics", all_metrics, methods=["GET"]))
-            # Ray runs the app's lifespan on an event loop other than the one that serves requests, so the
-            # loading task it starts never runs: the engine starts loading on the serving loop, at the first
-            # HTTP request (a /health probe included).
-            app.add_middleware(StartFirst, start=self._start)
-            return app
+            self.app.router.routes.insert(0, Route("/metrics", all_metrics, methods=["GET"]))
+            # The constructor runs on the loop that serves this replica's calls: the app's lifespan starts here, so
+            # the model loads while Ray brings the other replicas up.
+            self.lifespan = LifespanOn(Config(self.app, lifespan="on", log_config=None))
+            await self.lifespan.startup()
 
-        async def _start(self) -> None:
-            task = self.ctx.state._task
-            if task is None or task.get_loop() is not asyncio.get_running_loop():
-                await self.ctx.state.start()
+        async def http(self, scope: dict, body: bytes, prefix: list[str] | None = None):
+            """One HTTP request read by the ingress; yields the app's ASGI messages. (`prefix` is for the router.)"""
+            from turbofan.distributed.relay import relay
+
+            async for message in relay(self.app, scope, body, self.headers):
+                yield message
 
         def _board(self):
             if self.board is None:
@@ -160,7 +164,7 @@ def _deployment(num_replicas: int, threads: int):
                 self.board = ray.get_actor(BOARD_NAME, namespace=APP_NAME)
             return self.board
 
-        def check_health(self) -> None:
+        async def check_health(self) -> None:
             """Ray calls this every few seconds: publish this replica's metrics, and fail (Ray then restarts the
             replica) once the engine loop stopped after an error."""
             try:
@@ -171,15 +175,62 @@ def _deployment(num_replicas: int, threads: int):
             if client is not None and client.dead is not None:
                 raise RuntimeError(f"engine stopped: {client.dead}")
 
-    return TurbofanReplica
+        async def __del__(self) -> None:
+            await self.lifespan.shutdown()  # Ray stops the replica: drain and stop the engine
+
+    return EngineReplica
+
+
+def _ingress_deployment():
+    from ray import serve
+
+    @serve.deployment(
+        name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096
+    )
+    @serve.ingress()
+    class IngressReplica:
+        """The HTTP front (ingress.py) as a Ray Serve ingress deployment, calling the engines through `engine`."""
+
+        def __init__(self, engine, settings):
+            self.engine, self.settings = engine, settings
+
+        def __serve_build_asgi_app__(self):
+            from turbofan.distributed.ingress import Ingress
+            from turbofan.server.app import APIKeyMiddleware
+
+            app = Ingress(
+                self._call, _is_replica_death, self.settings.max_request_bytes, self.settings.body_timeout
+            )
+            # the key is checked before a body is read (the engine replica checks it again)
+            return APIKeyMiddleware(app, self.settings.api_key) if self.settings.api_key else app
+
+        async def _call(self, scope: dict, body: bytes, prefix: list[str]):
+            stream = self.engine.options(stream=True).http.remote(scope, body, prefix=prefix)
+            try:
+                async for message in stream:
+                    yield message
+            except BaseException:
+                stream.cancel()  # the client left (or the replica failed): stop the generation there
+                raise
+
+    return IngressReplica
+
+
+def _is_replica_death(exc: BaseException) -> bool:
+    """Whether a failed engine call means the replica's process or node is gone (rather than a bug in it)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (RayActorError, ActorUnavailableError))
 
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def serve_replicas(config, settings, host: str, port: int, replicas: int, address: str | None, threads: int) -> int:
-    """Start (or join) Ray, deploy `replicas` turbofan replicas behind Ray Serve's proxy on host:port, and block."""
+def serve_replicas(config, settings, host: str, port: int, replicas: int, address: str | None, threads: int,
+                   threshold: int | None = None) -> int:  # fmt: skip
+    """Start (or join) Ray, deploy `replicas` engines and the ingress behind Ray Serve's proxy on host:port, and
+    block. `threshold`: see affinity.choose (None: DEFAULT_THRESHOLD; negative: no affinity)."""
     import ray
     from ray import serve
 
@@ -190,8 +241,13 @@ def serve_replicas(config, settings, host: str, port: int, replicas: int, addres
                  num_cpus=max(os.cpu_count() or 1, replicas * threads))  # fmt: skip
     _board_class().options(name=BOARD_NAME, lifetime="detached", get_if_exists=True, max_restarts=-1).remote()
     serve.start(http_options={"host": host, "port": port})
-    app = _deployment(replicas, threads).bind(config, settings, threads)
-    log.info("turbofan replicas", extra={"replicas": replicas, "host": host, "port": port, "ray": address or "local"})
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    engine = _engine_deployment(replicas, threads, threshold).bind(config, settings, threads)
+    app = _ingress_deployment().bind(engine, settings)
+    log.info(
+        "turbofan replicas",
+        extra={"replicas": replicas, "host": host, "port": port, "ray": address or "local"},
+    )
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, Kubernetes: shut down as on Ctrl+C
     try:

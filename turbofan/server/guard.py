@@ -111,39 +111,7 @@ class RequestGuard:
             self.ctx.active_requests -= 1
 
     async def _read_body(self, scope, receive):
-        headers = dict(scope.get("headers") or [])
-        limit = self.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestRejected(413, f"the request body is {int(declared)} bytes; the limit is {limit} bytes "
-                                       "(--max-request-bytes)")  # fmt: skip
-        chunks: list[bytes] = []
-        size = 0
-        deadline = time.monotonic() + self.body_timeout
-        pending: list[dict] = []  # a disconnect seen while reading, replayed to the app
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
-            except asyncio.TimeoutError:
-                raise RequestRejected(408, f"the request body did not arrive within {self.body_timeout:g} s") from None
-            if message["type"] != "http.request":
-                pending.append(message)
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise RequestRejected(413, f"the request body exceeds the limit of {limit} bytes (--max-request-bytes)")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if body:
-            check_text(body)
-            content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-            if not (content_type == b"application/json" or content_type.endswith(b"+json")):
-                raw = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
-                scope = {**scope, "headers": [*raw, (b"content-type", b"application/json")]}
+        scope, body, pending = await read_body(scope, receive, self.max_body_bytes, self.body_timeout)
         sent = False
 
         async def replay():
@@ -156,6 +124,45 @@ class RequestGuard:
             return await receive()
 
         return scope, replay
+
+
+async def read_body(scope, receive, limit: int, timeout: float) -> tuple[dict, bytes, list[dict]]:
+    """The whole request body within `limit` bytes and `timeout` seconds, checked as text (RequestRejected
+    otherwise); returns the scope (its Content-Type made JSON), the body, and any non-body message seen while
+    reading (a disconnect), for the caller to replay. Shared by RequestGuard and the replicas' ingress."""
+    headers = dict(scope.get("headers") or [])
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestRejected(413, f"the request body is {int(declared)} bytes; the limit is {limit} bytes "
+                                   "(--max-request-bytes)")  # fmt: skip
+    chunks: list[bytes] = []
+    size = 0
+    deadline = time.monotonic() + timeout
+    pending: list[dict] = []
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise RequestRejected(408, f"the request body did not arrive within {timeout:g} s") from None
+        if message["type"] != "http.request":
+            pending.append(message)
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestRejected(413, f"the request body exceeds the limit of {limit} bytes (--max-request-bytes)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    if body:
+        check_text(body)
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if not (content_type == b"application/json" or content_type.endswith(b"+json")):
+            raw = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            scope = {**scope, "headers": [*raw, (b"content-type", b"application/json")]}
+    return scope, body, pending
 
 
 def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
