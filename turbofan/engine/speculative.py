@@ -4,7 +4,8 @@ On a CPU one decode stream is bound by reading the weights, so scoring 1 + k tok
 costs little more than scoring one. V8's speculation, applied to tokens:
 
 - **guess** (the proposer): n-gram prompt lookup finds the latest earlier occurrence of the context's last n
-  tokens (n from prompt_lookup_max down to prompt_lookup_min) and proposes the k tokens that followed it;
+  tokens (n from prompt_lookup_max down to prompt_lookup_min) and proposes the k tokens that followed it; or a
+  draft model sharing the target's tokenizer proposes its k greedy tokens (turbofan/engine/draft_model.py);
 - **guard** (verification in the step): the scheduler gives a decoding sequence 1 + k query tokens, the sampler
   samples every one of the k + 1 positions with the request's own parameters, and the longest prefix of drafts
   equal to what the target sampled is kept, plus the target's token at the first miss (or after the last draft).
@@ -17,7 +18,10 @@ costs little more than scoring one. V8's speculation, applied to tokens:
 - **cost model**: step time is fitted online as a + b * tokens over decode/verify steps. An extra draft token
   costs b; the j-th draft of a sequence with acceptance rate alpha returns alpha^j tokens, each worth what a
   token costs without speculation at this batch size, (a + b * B) / B. Drafts are scheduled only while their
-  expected return exceeds their cost, so a large batch (where b * B dominates) stops speculating by itself.
+  expected return exceeds their cost, so a large batch (where b * B dominates) stops speculating by itself. A
+  draft model's own steps are fitted the same way (a_d + b_d * tokens) and each draft token is also charged its
+  share of a draft step, (a_d + b_d * B) / B: where the draft is not much cheaper than the target, or the batch
+  is large, it stops drafting.
 
 Requests whose next token depends on the tokens before it in ways the sampler keeps per step (penalties, logits
 processors, min_tokens not reached yet) do not speculate; everything else does, including n > 1, logprobs, stop
