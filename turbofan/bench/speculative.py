@@ -123,7 +123,7 @@ class LlamaServers:
         self.commands = {"off": base}
         if draft is not None:
             draft_gguf = str(store.resolve(draft).gguf_file)
-            self.commands["on"] = [*base, "-md", draft_gguf, "--spec-draft-n-max", str(k),
+            self.commands["on"] = [*base, "-md", draft_gguf, "--spec-type", "draft-simple", "--spec-draft-n-max", str(k),
                                    "-td", str(threads), "-tbd", str(threads)]  # fmt: skip
         self.stack = ExitStack()
         self.urls = {}
