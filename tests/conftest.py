@@ -29,6 +29,12 @@ def assert_no_leaks(engine) -> None:
     )
     refs = engine.blocks.ref_counts
     assert all(r == 0 for r in refs), f"blocks with a non-zero reference count: {[i for i, r in enumerate(refs) if r]}"
+    draft = getattr(getattr(engine, "speculator", None), "proposer", None)
+    if hasattr(draft, "blocks"):  # a draft model's own KV cache (speculative decoding)
+        assert not draft.seqs, f"the draft model still tracks sequences {list(draft.seqs)}"
+        assert draft.blocks.num_free_blocks == draft.blocks.num_blocks, (
+            f"draft KV leak: {draft.blocks.num_blocks - draft.blocks.num_free_blocks} blocks still allocated"
+        )
 
 
 def drive(engine, max_steps: int = 100_000) -> dict:

@@ -52,15 +52,22 @@ def test_config_follows_vllm_and_refuses_what_it_cannot_do():
     assert (c.prompt_lookup_min, c.prompt_lookup_max) == (5, 5)  # vLLM's defaults
     c = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4})
     assert (c.prompt_lookup_min, c.prompt_lookup_max) == (4, 4)
-    with pytest.raises(ValueError, match="draft-model speculation is not implemented"):
-        SpeculativeConfig.parse({"model": "qwen2.5-coder:0.5b", "num_speculative_tokens": 4})
+    c = SpeculativeConfig.parse({"model": "qwen2.5-coder:0.5b", "num_speculative_tokens": 4})
+    assert (c.method, c.model, c.prompt_lookup_max) == ("draft_model", "qwen2.5-coder:0.5b", None)
+    assert SpeculativeConfig.parse({"method": "draft_model", "model": "d"}).method == "draft_model"
+    with pytest.raises(ValueError, match='needs "model"'):
+        SpeculativeConfig.parse({"method": "draft_model", "num_speculative_tokens": 4})
+    with pytest.raises(ValueError, match='"ngram" takes no "model"'):
+        SpeculativeConfig.parse({"method": "ngram", "model": "d"})
+    with pytest.raises(ValueError, match="apply to the ngram method"):
+        SpeculativeConfig.parse({"model": "d", "prompt_lookup_max": 3})
     with pytest.raises(ValueError, match="unknown keys"):
         SpeculativeConfig.parse({"method": "ngram", "num_speculative_token": 4})
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 0})
     with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
         SpeculativeConfig.parse({"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2})
-    with pytest.raises(ValueError, match="method must be 'ngram'"):
+    with pytest.raises(ValueError, match="method must be 'ngram' or 'draft_model'"):
         SpeculativeConfig.parse({"method": "eagle"})
 
 
@@ -86,6 +93,15 @@ def test_cost_model_turns_speculation_off_at_large_batch():
     assert 0 < cost.draft_budget(0.8, 8, 8) < 8
     assert cost.draft_budget(0.9, 64, 8) == 0  # a token is worth 1.16 ms there, a draft costs 1.1 ms
     assert cost.draft_budget(0.0, 1, 8) == 0
+    # a draft model whose step costs 40% of the target's at batch 1 (4.4 ms of 11 ms): fewer drafts pay
+    draft = StepCostModel()
+    for tokens in (1, 2, 5, 1, 3, 16, 20, 64, 80):  # 4 ms fixed, 0.4 ms per token
+        draft.observe(tokens, 0.004 + 0.0004 * tokens)
+    assert draft.per_sequence(1) == pytest.approx(0.0044, rel=0.05)
+    assert cost.draft_budget(0.8, 1, 8, draft.per_sequence(1)) == 2  # 0.8^j > 1.1 * 5.4 / 11 up to j = 2
+    assert cost.draft_budget(0.5, 1, 8, draft.per_sequence(1)) == 0
+    assert cost.draft_budget(0.9, 16, 8, draft.per_sequence(16)) == 0  # n-gram drafts still pay there
+    assert cost.draft_budget(0.9, 16, 8) > 0
 
 
 # -- exactness -------------------------------------------------------------------------------------------------
@@ -253,12 +269,14 @@ def _chi_square_p(a: collections.Counter, b: collections.Counter) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2)))
 
 
-def test_sampled_tokens_follow_the_target_distribution(make_llm, vocab):
+@pytest.mark.parametrize("proposer_kind", ["oracle", "draft_model"])
+def test_sampled_tokens_follow_the_target_distribution(proposer_kind, make_llm, vocab, request):
     """Temperature 1, top-k 4 on a tiny model: 3000 samples of the first 4 output tokens with drafts that are
     the reference's most and second-most frequent continuations (a fifth of them accepted) against 3000
     without speculation. Stated tolerance: the chi-square homogeneity test of each output position's joint
     distribution with the previous one must not reject at the 0.1% level (deterministic seeds: not flaky).
-    A verifier that accepted every draft shifts the distribution and is rejected (p < 1e-6) by the same test."""
+    A verifier that accepted every draft shifts the distribution and is rejected (p < 1e-6) by the same test.
+    draft_model: the same with a draft model's greedy guesses (the noisy copy of the target) instead."""
     prompt = [(5 * j + 1) % vocab for j in range(7)]
     params = SamplingParams(temperature=1.0, top_k=4, max_tokens=4, ignore_eos=True)
     n = 3000
@@ -288,8 +306,14 @@ def test_sampled_tokens_follow_the_target_distribution(make_llm, vocab):
     def pairs(outs, j):
         return collections.Counter(o[j - 1 : j + 1] for o in outs)
 
-    spec_llm = make_llm(speculative_config=FORCED, **common)
-    spec_llm.engine.speculator.proposer = proposer
+    if proposer_kind == "draft_model":
+        draft = str(request.getfixturevalue("drafts")["noisy"])
+        spec_llm = make_llm(
+            speculative_config={"model": draft, "num_speculative_tokens": 3, "adaptive": False}, **common
+        )
+    else:
+        spec_llm = make_llm(speculative_config=FORCED, **common)
+        spec_llm.engine.speculator.proposer = proposer
     got = sample(spec_llm, 1)
     stats = spec_llm.speculative_stats()
     rejected = stats["num_draft_tokens"] - stats["num_accepted_tokens"]
@@ -297,6 +321,8 @@ def test_sampled_tokens_follow_the_target_distribution(make_llm, vocab):
     for j in (1, 2, 3):
         p = _chi_square_p(pairs(ref, j), pairs(got, j))
         assert p > 1e-3, f"output position {j}: the speculative distribution differs (chi-square p = {p:.2e})"
+    if proposer_kind == "draft_model":
+        return
 
     broken = make_llm(speculative_config=FORCED, **common)
     broken.engine.speculator.proposer = proposer
@@ -332,15 +358,142 @@ def test_penalised_requests_do_not_speculate_and_stay_exact(make_llm, prompts):
     assert got == want
 
 
+# -- the draft-model proposer ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def drafts(tiny_models, tmp_path_factory) -> dict:
+    """Drafts for the tiny Llama, sharing its tokenizer: a smaller random model (its guesses are rarely right), the
+    target with its weights perturbed (right about half the time), the target itself (always right), and a model
+    with another tokenizer (refused)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("drafts")
+    target = tiny_models["llama"]
+    noisy = root / "noisy"
+    shutil.copytree(target, noisy)
+    weights = load_file(noisy / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    weights = {k: v + 0.03 * torch.randn(v.shape, generator=g) for k, v in weights.items()}
+    save_file(weights, noisy / "model.safetensors", metadata={"format": "pt"})
+    return {
+        "small": build_tiny_model(root / "small", "llama", seed=1, hidden=32, layers=2),
+        "noisy": noisy,
+        "same": target,
+        "other": build_tiny_model(root / "other-vocab", "llama", vocab_size=300),
+    }
+
+
+def _draft(path, k: int = 4, adaptive: bool = False) -> dict:
+    return {"model": str(path), "num_speculative_tokens": k, "adaptive": adaptive}
+
+
+DRAFT_CASES = {
+    "small_batched": ("small", False, True, {}),
+    "small_alone": ("small", False, False, {}),
+    "noisy_batched": ("noisy", False, True, {}),
+    "noisy_alone": ("noisy", False, False, {}),
+    "noisy_adaptive": ("noisy", True, True, {}),
+    "noisy_chunked_prefill": ("noisy", False, True, {"max_num_batched_tokens": 8}),
+    "noisy_preemption": ("noisy", False, True, {"num_kv_blocks": 24, "block_size": 4}),
+    "same_batched": ("same", False, True, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAFT_CASES))
+def test_greedy_identical_with_a_draft_model(name, make_llm, drafts, prompts, reference):
+    which, adaptive, batched, extra = DRAFT_CASES[name]
+    llm = make_llm(speculative_config=_draft(drafts[which], adaptive=adaptive), **extra)
+    if batched:
+        outs = _firsts(llm.generate(prompts, _greedy(40), use_tqdm=False))
+    else:
+        outs = [_firsts(llm.generate([p], _greedy(40), use_tqdm=False))[0] for p in prompts]
+    _assert_greedy_match(outs, reference, f"{name} vs no speculation")
+    stats = llm.speculative_stats()
+    assert stats["method"] == "draft_model" and stats["draft_forwards"] > 0, stats
+    accepted, drafted = stats["num_accepted_tokens"], stats["num_draft_tokens"]
+    if which == "same":  # the target drafting for itself: every guess is the target's own greedy token
+        assert drafted > 100 and stats["acceptance_rate"] > 0.95, stats
+    elif which == "noisy" and not adaptive:  # both the accept and the reject paths, many times
+        assert accepted > 20 and drafted - accepted > 20, stats
+    elif not adaptive:
+        assert drafted > 100, stats
+    if name.endswith("preemption"):
+        assert llm.engine.stats().num_preemptions > 0
+
+
+def test_draft_blocks_are_given_back_on_finish_and_abort(make_llm, drafts, prompts):
+    """The draft holds KV for each speculating sequence (never more than its tokens plus k), forgets a sequence as
+    soon as it is aborted, and holds nothing once every request has ended (make_llm's teardown checks both caches)."""
+    from conftest import drive
+
+    k = 4
+    llm = make_llm(speculative_config=_draft(drafts["noisy"], k), block_size=4)
+    engine = llm.engine
+    draft = engine.speculator.proposer
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for i, p in enumerate(prompts[:6]):
+        engine.add_request(str(i), p, params)
+    for _ in range(5):
+        engine.step()
+        for seq in engine.scheduler.running:
+            state = draft.seqs.get(seq.seq_id)
+            if state is not None:
+                assert len(state.block_table) <= -(-(seq.num_tokens + k) // 4), (state, seq.num_tokens)
+    assert len(draft.seqs) == 6 and draft.blocks.num_free_blocks < draft.blocks.num_blocks
+    engine.abort_request("0")
+    engine.abort_request("3")
+    assert set(draft.seqs) == {s.seq_id for s in engine.scheduler.running} and len(draft.seqs) == 4
+    drive(engine)
+    assert not draft.seqs and draft.blocks.num_free_blocks == draft.blocks.num_blocks
+    assert llm.speculative_stats()["draft_kv_blocks_used"] == 0
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tiny_models, drafts):
+    """Refused at load, before the draft's weights are read (the container names the component; the cause is a
+    ValueError saying which token ids differ)."""
+    from turbofan.container import ComponentCreationError
+
+    with pytest.raises(ComponentCreationError, match="does not share the target's tokenizer") as info:
+        LLM(str(tiny_models["llama"]), num_kv_blocks=64, speculative_config=_draft(drafts["other"]))
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "300 tokens vs the target's 400" in str(info.value)
+
+
+def test_draft_cost_gates_speculation_where_ngram_would_still_pay(make_llm, drafts, prompts):
+    """Measured costs (frozen): target step 10 ms + 1 ms a token, draft step 4 ms + 0.4 ms a token. At batch 8 a
+    draft token costs 1 ms to verify plus 0.9 ms to propose against 2.25 ms it saves at best: gated, though an
+    n-gram draft (0 ms to propose) would still be scheduled; alone the same draft model pays and speculates."""
+    llm = make_llm(speculative_config=_draft(drafts["same"], adaptive=True))
+    spec = llm.engine.speculator
+    for tokens in (1, 4, 8, 32, 64, 96):
+        spec.cost.observe(tokens, 0.010 + 0.001 * tokens)
+        spec.proposer.cost.observe(tokens, 0.004 + 0.0004 * tokens)
+    spec.cost.observe = spec.proposer.cost.observe = lambda tokens, seconds: None  # keep the synthetic costs
+    assert spec.cost.draft_budget(0.6, 8, 4) > 0  # what n-gram speculation would do at batch 8
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    stats = llm.speculative_stats()
+    assert stats["num_draft_tokens"] == 0 and stats["num_gated_steps"] > 0, stats
+    llm.generate(prompts[:1], params, use_tqdm=False)
+    assert llm.speculative_stats()["num_draft_tokens"] > 0
+
+
 # -- what an operator sees -------------------------------------------------------------------------------------
-def test_server_speculates_and_shows_it(tmp_path_factory):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_server_speculates_and_shows_it(method, tmp_path_factory):
     """`turbofan serve --speculative-config`: a prompt that repeats the chain model's chain is continued with
-    accepted drafts; /metrics carries vLLM's spec-decode counters and /debug/tiers the speculator's table."""
+    accepted drafts (n-gram lookup, or the chain model drafting for itself); /metrics carries vLLM's spec-decode
+    counters and /debug/tiers the speculator's table."""
     from test_server import KEY, NAME, chain_model_path, launch
 
     root = tmp_path_factory.mktemp("spec-server")
     model, facts = chain_model_path(root)
-    config = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    if method == "ngram":
+        config = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    else:
+        config = json.dumps({"model": str(model), "num_speculative_tokens": 3})
     srv = launch(model, root / "server.log", "--served-model-name", NAME, "--max-model-len", "128",
                  "--num-kv-blocks", "64", "--speculative-config", config, "--enable-debug-endpoints", key=KEY)  # fmt: skip
     try:
@@ -362,7 +515,9 @@ def test_server_speculates_and_shows_it(tmp_path_factory):
         assert "turbofan:spec_decode_deopts_total" in values
         spec = srv.get("/debug/tiers").json()["speculative"]
         assert spec["num_accepted_tokens"] == values["vllm:spec_decode_num_accepted_tokens_total"]
-        assert srv.get("/debug/engine").json()["speculative"]["method"] == "ngram"
+        assert srv.get("/debug/engine").json()["speculative"]["method"] == method
+        if method == "draft_model":
+            assert spec["draft_forwards"] > 0 and spec["draft_kv_blocks_used"] == 0, spec  # freed when it finished
     finally:
         srv.stop()
 
@@ -371,7 +526,7 @@ def test_cli_refuses_a_bad_speculative_config(tmp_path):
     import subprocess
     import sys
 
-    for flag, message in (("{not json", "not JSON"), ('{"model": "x"}', "draft-model speculation is not implemented")):
+    for flag, message in (("{not json", "not JSON"), ('{"method": "draft_model"}', 'needs "model"')):
         proc = subprocess.run(
             [sys.executable, "-m", "turbofan.cli", "serve", "/nonexistent", "--speculative-config", flag],
             capture_output=True, text=True, timeout=120,

@@ -44,14 +44,14 @@ def write_tokenizer(path: Path, vocab_size: int = 400) -> int:
     return tok.get_vocab_size()
 
 
-def hf_config(arch: str, vocab: int, eos: int):
+def hf_config(arch: str, vocab: int, eos: int, hidden: int = 64, layers: int = 3):
     import transformers as tf
 
     common = dict(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -76,15 +76,18 @@ def hf_config(arch: str, vocab: int, eos: int):
     raise ValueError(arch)
 
 
-def build_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
-    """Random weights saved as safetensors with a real (tiny) BPE tokenizer and a chat template."""
+def build_tiny_model(
+    path: Path, arch: str, seed: int = 0, hidden: int = 64, layers: int = 3, vocab_size: int = 400
+) -> Path:
+    """Random weights saved as safetensors with a real (tiny) BPE tokenizer and a chat template. Models built with
+    the same `vocab_size` share one tokenizer (the BPE training is deterministic): a smaller one can be a draft."""
     import transformers as tf
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = write_tokenizer(path)
+    vocab = write_tokenizer(path, vocab_size)
     eos = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"].get("<|im_end|>", 2)
     torch.manual_seed(seed)
-    config = hf_config(arch, vocab, eos)
+    config = hf_config(arch, vocab, eos, hidden, layers)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random init is small; widen it so the logits are not all near-equal
         for p in model.parameters():

@@ -109,9 +109,36 @@ def _input_batch(config: EngineConfig, runner: ModelRunner, max_model_len: int) 
     return InputBatch(runner.args.vocab_size, config.block_size, max_model_len, capacity=min(config.max_num_seqs, 64))
 
 
-def _speculator(config: EngineConfig, max_model_len: int) -> Speculator | None:
+def _draft_proposer(config: EngineConfig, spec: SpeculativeConfig, tokenizer: Tokenizer, runner: ModelRunner):
+    """The draft model of draft-model speculation: its own ModelRunner (same flags as the target, as many KV blocks
+    as the target's, so every sequence the target holds fits), refused unless it shares the target's tokenizer."""
+    import dataclasses
+
+    from turbofan.engine.draft_model import DraftModelProposer, check_same_tokenizer
+
+    draft_config = dataclasses.replace(
+        config, model=spec.model, served_model_name=None, speculative_config=None, num_kv_blocks=runner.num_blocks,
+        tiering="off", tensor_parallel_size=1, profile=False,
+    )  # fmt: skip
+    draft_path, draft_name = resolve_model_path(draft_config)
+    check_same_tokenizer(tokenizer, Tokenizer(draft_path), spec.model)
+    draft_runner = _runner(draft_config, draft_path)
+    log.info(
+        "draft model loaded",
+        extra={"draft_model": draft_name, "path": str(draft_path), "load_seconds": round(draft_runner.load_seconds, 2),
+               "weights": draft_runner.quantization, "kv_blocks": draft_runner.num_blocks},
+    )  # fmt: skip
+    return DraftModelProposer(draft_runner, runner.args.vocab_size, draft_name)
+
+
+def _speculator(
+    config: EngineConfig, max_model_len: int, tokenizer: Tokenizer, runner: ModelRunner
+) -> Speculator | None:
     spec = SpeculativeConfig.parse(config.speculative_config)
-    return None if spec is None else Speculator(spec, max_model_len)
+    if spec is None:
+        return None
+    proposer = _draft_proposer(config, spec, tokenizer, runner) if spec.method == "draft_model" else None
+    return Speculator(spec, max_model_len, proposer)
 
 
 def declare(container: Container, config: EngineConfig) -> Container:
@@ -134,7 +161,7 @@ def declare(container: Container, config: EngineConfig) -> Container:
     container.register("sampler", lambda eos: _sampler(eos, container), args=["eos_token_ids"])
     container.register("input_batch", _input_batch, args=["config", "runner", "max_model_len"])
     container.register("output_processor", OutputProcessor, args=["tokenizer"])
-    container.register("speculator", _speculator, args=["config", "max_model_len"])
+    container.register("speculator", _speculator, args=["config", "max_model_len", "tokenizer", "runner"])
     container.register(
         "engine",
         Engine,

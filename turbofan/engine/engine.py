@@ -101,6 +101,8 @@ class Engine:
         self.profiler = None  # set by the assembly when profiling is on
         self.grammars = GrammarCompiler(getattr(tokenizer, "hf", None), runner.args.vocab_size, sampler.eos_token_ids)
         self.speculator = speculator
+        if speculator is not None:
+            scheduler.release_listeners.append(speculator.release)
 
     # -- requests -----------------------------------------------------------------------------------------------
     @property

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from turbofan.engine.block_manager import BlockManager
@@ -76,6 +77,8 @@ class Scheduler:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.steps_total = 0
+        # told when a sequence gives its KV blocks back (finished, aborted, preempted): a draft model frees its own
+        self.release_listeners: list[Callable[[Sequence], None]] = []
 
     # -- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -106,14 +109,19 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
-        self.blocks.release(seq)
+        self._release(seq)
         seq.status = Status.FINISHED
         self._finished.append(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        for listener in self.release_listeners:
+            listener(seq)
 
     # -- deciding -----------------------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq)
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)

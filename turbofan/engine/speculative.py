@@ -4,7 +4,8 @@ On a CPU one decode stream is bound by reading the weights, so scoring 1 + k tok
 costs little more than scoring one. V8's speculation, applied to tokens:
 
 - **guess** (the proposer): n-gram prompt lookup finds the latest earlier occurrence of the context's last n
-  tokens (n from prompt_lookup_max down to prompt_lookup_min) and proposes the k tokens that followed it;
+  tokens (n from prompt_lookup_max down to prompt_lookup_min) and proposes the k tokens that followed it; or a
+  draft model sharing the target's tokenizer proposes its k greedy tokens (turbofan/engine/draft_model.py);
 - **guard** (verification in the step): the scheduler gives a decoding sequence 1 + k query tokens, the sampler
   samples every one of the k + 1 positions with the request's own parameters, and the longest prefix of drafts
   equal to what the target sampled is kept, plus the target's token at the first miss (or after the last draft).
@@ -17,7 +18,10 @@ costs little more than scoring one. V8's speculation, applied to tokens:
 - **cost model**: step time is fitted online as a + b * tokens over decode/verify steps. An extra draft token
   costs b; the j-th draft of a sequence with acceptance rate alpha returns alpha^j tokens, each worth what a
   token costs without speculation at this batch size, (a + b * B) / B. Drafts are scheduled only while their
-  expected return exceeds their cost, so a large batch (where b * B dominates) stops speculating by itself.
+  expected return exceeds their cost, so a large batch (where b * B dominates) stops speculating by itself. A
+  draft model's own steps are fitted the same way (a_d + b_d * tokens) and each draft token is also charged its
+  share of a draft step, (a_d + b_d * B) / B: where the draft is not much cheaper than the target, or the batch
+  is large, it stops drafting.
 
 Requests whose next token depends on the tokens before it in ways the sampler keeps per step (penalties, logits
 processors, min_tokens not reached yet) do not speculate; everything else does, including n > 1, logprobs, stop
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -53,9 +58,10 @@ GAIN_MARGIN = 1.1  # a draft must be expected to return 10% more than it costs
 @dataclass
 class SpeculativeConfig:
     """vLLM's `speculative_config`: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
-    "prompt_lookup_min": m}. A draft model ({"model": ...}) is not implemented yet and is refused clearly."""
+    "prompt_lookup_min": m}, or {"model": "<draft model name or path>", "num_speculative_tokens": k} (method
+    "draft_model", implied by "model"; the draft must share the target's tokenizer, checked at load)."""
 
-    method: str = "ngram"
+    method: str | None = None  # "ngram", or "draft_model" (the default when "model" is given)
     num_speculative_tokens: int = 4
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
@@ -63,16 +69,26 @@ class SpeculativeConfig:
     adaptive: bool = True  # turbofan's: deopts and the cost model (off = always propose k tokens, for tests)
 
     def __post_init__(self) -> None:
-        if self.model is not None or self.method == "draft_model":
-            raise ValueError(
-                "speculative_config: draft-model speculation is not implemented yet; use "
-                '{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n}'
-            )
-        if self.method != "ngram":
-            raise ValueError(f"speculative_config: method must be 'ngram', got {self.method!r}")
+        if self.method is None:
+            self.method = "ngram" if self.model is None else "draft_model"
+        if self.method not in ("ngram", "draft_model"):
+            raise ValueError(f"speculative_config: method must be 'ngram' or 'draft_model', got {self.method!r}")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
             raise ValueError(f"speculative_config: num_speculative_tokens must be an integer in [1, 32], got {k!r}")
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model.strip():
+                raise ValueError(
+                    'speculative_config: method "draft_model" needs "model": the draft model\'s name or path '
+                    "(it must share the target's tokenizer)"
+                )
+            if self.prompt_lookup_max is not None or self.prompt_lookup_min is not None:
+                raise ValueError(
+                    "speculative_config: prompt_lookup_max/min apply to the ngram method, not a draft model"
+                )
+            return
+        if self.model is not None:
+            raise ValueError('speculative_config: method "ngram" takes no "model" (drop "method" for a draft model)')
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if lo is None and hi is None:  # vLLM's defaults
             lo = hi = 5
@@ -178,13 +194,19 @@ class StepCostModel:
         a = max(my - b * mt, 0.0)
         return a, b
 
-    def draft_budget(self, alpha: float, batch: int, k_max: int) -> int:
-        """Drafts worth scheduling for one sequence: the j-th returns alpha^j tokens, each worth (a + b B) / B."""
+    def per_sequence(self, batch: int) -> float:
+        """Seconds of a step of `batch` one-token rows, per row."""
+        a, b = self.coefficients()
+        return (a + b * batch) / batch
+
+    def draft_budget(self, alpha: float, batch: int, k_max: int, proposal_cost: float = 0.0) -> int:
+        """Drafts worth scheduling for one sequence: the j-th returns alpha^j tokens, each worth (a + b B) / B, and
+        costs b to verify plus `proposal_cost` seconds to propose (a draft model's step share; 0 for n-gram)."""
         a, b = self.coefficients()
         value = (a + b * batch) / batch
         if alpha <= 0.0:
             return 0
-        ratio = GAIN_MARGIN * b / value
+        ratio = GAIN_MARGIN * (b + proposal_cost) / value
         if ratio >= 1.0:
             return 0
         if alpha >= 1.0:
@@ -201,15 +223,22 @@ class SpecStats:
     num_deopts: int = 0  # sequences that stopped speculating for a while
     num_gated_steps: int = 0  # decode steps where the cost model left every sequence without drafts
     num_spec_steps: int = 0  # steps that verified drafts
+    propose_seconds: float = 0.0  # time spent proposing (a draft model's forwards; n-gram lookups)
+    verify_seconds: float = 0.0  # time of the target's forwards + sampling in steps that verified drafts
 
 
 class Speculator:
-    """Proposes drafts for the running sequences before a step, and verifies them after it is sampled."""
+    """Proposes drafts for the running sequences before a step, and verifies them after it is sampled.
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+    The proposer is a callable (sequence, k) -> at most k draft tokens; any deterministic function of the sequence
+    verifies exactly. One with `propose_batch([(seq, k), ...])` proposes for all sequences at once (a draft model
+    batches its forwards), one with `cost` (a StepCostModel of its own steps) has its cost weighed against what
+    the drafts return, and one with `release(seq)` is told when a sequence gives its KV back.
+    """
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, proposer=None):
         self.config = config
-        # (sequence, k) -> at most k draft tokens; any deterministic function of the sequence verifies exactly
-        self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.max_model_len = max_model_len
         self.cost = StepCostModel()
         self.stats = SpecStats(accepted_per_position=[0] * config.num_speculative_tokens)
@@ -230,12 +259,19 @@ class Speculator:
         room = min(p.max_tokens - num_out, self.max_model_len - seq.num_tokens) - 1  # the bonus token fits too
         return max(0, min(self.config.num_speculative_tokens, room))
 
+    def _proposal_cost(self, batch: int) -> float:
+        """Seconds one draft token of one sequence costs the proposer at this batch size (0 without a model)."""
+        cost = getattr(self.proposer, "cost", None)
+        return cost.per_sequence(batch) if cost is not None and cost.ready else 0.0
+
     def propose(self, running: list[Sequence]) -> None:
         """Set `spec_token_ids` of every running sequence (empty where it does not speculate this step)."""
         decoding = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
         any_drafts = gated = False
         for seq in running:
             seq.spec_token_ids = []
+        extra = self._proposal_cost(len(decoding)) if self.config.adaptive and decoding else 0.0
+        wanted: list[tuple[Sequence, int]] = []
         for seq in decoding:
             k = self._eligible(seq)
             state = seq.spec_state
@@ -250,23 +286,37 @@ class Speculator:
                         state.accepted, state.missed = ALPHA_PRIOR, 1.0 - ALPHA_PRIOR
                     continue
                 if self.cost.ready:
-                    budget = self.cost.draft_budget(state.alpha, len(decoding), k)
-                    if budget == 0 and self.cost.draft_budget(ALPHA_PRIOR, len(decoding), k) > 0:
+                    budget = self.cost.draft_budget(state.alpha, len(decoding), k, extra)
+                    if budget == 0 and self.cost.draft_budget(ALPHA_PRIOR, len(decoding), k, extra) > 0:
                         self._deopt(seq)  # its own record rules it out, not the batch size
                     gated = gated or budget == 0
                     k = budget
                 if k == 0:
                     continue
-            drafts = self.proposer(seq, k)[:k]
-            seq.spec_token_ids = drafts
-            any_drafts = any_drafts or bool(drafts)
+            wanted.append((seq, k))
+        if wanted:
+            start = time.perf_counter()
+            batch = getattr(self.proposer, "propose_batch", None)
+            proposals = batch(wanted) if batch is not None else [self.proposer(seq, k) for seq, k in wanted]
+            self.stats.propose_seconds += time.perf_counter() - start
+            for (seq, k), drafts in zip(wanted, proposals):
+                seq.spec_token_ids = list(drafts[:k])
+                any_drafts = any_drafts or bool(seq.spec_token_ids)
         if gated and not any_drafts:
             self.stats.num_gated_steps += 1
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence finished, was aborted or preempted: the proposer forgets it (a draft frees its KV blocks)."""
+        release = getattr(self.proposer, "release", None)
+        if release is not None:
+            release(seq)
 
     # -- after the step ---------------------------------------------------------------------------------------------
     def observe(self, sched, seconds: float) -> None:
         """Feed the cost model with a decode/verify step (prefill chunks follow another cost curve)."""
         drafts = sched.drafts
+        if drafts:
+            self.stats.verify_seconds += seconds
         for seq, n in sched.scheduled:
             if n != 1 + len(drafts.get(seq.seq_id, ())):
                 return
@@ -354,6 +404,9 @@ class Speculator:
             "num_spec_steps": s.num_spec_steps,
             "step_fixed_ms": None if a is None else round(a * 1e3, 4),
             "step_per_token_ms": None if b is None else round(b * 1e3, 4),
+            "propose_seconds_total": round(s.propose_seconds, 4),
+            "verify_seconds_total": round(s.verify_seconds, 4),
+            **(describe() if (describe := getattr(self.proposer, "describe", None)) else {}),
         }
 
 
