@@ -1,15 +1,23 @@
 """EmbeddingEngine: the EngineClient of an embedding model — an encoder on its own thread, requests batched.
 
 Requests queue up while a batch runs; the thread then takes every pending text at once, sorts them by length
-(so a batch pads little), runs as many per forward as fit a token budget and hands each request its rows back on the event loop
-with one `call_soon_threadsafe`. Like AsyncEngine it builds the model on that thread, which then does all the
-torch work (see async_engine.py on OpenMP thread teams). Generation requests are refused: it has no LM head.
+(equal lengths side by side: attention's runs), packs as many per forward as fit a token budget (no padding: see
+model/architectures/bert.py) and hands each request its rows back on the event loop with one
+`call_soon_threadsafe`. Like AsyncEngine it builds the model on that thread, which then does all the torch work
+(see async_engine.py on OpenMP thread teams). Generation requests are refused: it has no LM head.
+
+The layers run in bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX: oneDNN's bf16 matmuls
+are then ~2x float32's) and float32 elsewhere (AVX2: bf16 would be emulated, slower). Like a speculative tier it is
+checked before it is trusted: at load, a few probe texts are embedded both ways, and unless every cosine is at
+least BF16_MIN_COSINE the float32 layers are kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import queue
@@ -22,17 +30,40 @@ import torch
 
 from turbofan.engine.async_engine import SWITCH_INTERVAL, EngineDeadError
 from turbofan.engine.client import EngineClient, ModelInfo
+from turbofan.engine.embed_inputs import check_rows, fit_rows
 from turbofan.engine.engine import EngineStats
 
 log = logging.getLogger("turbofan.engine")
+BF16_MIN_COSINE = 0.9999  # the served vectors must stay > 0.999 from sentence-transformers': a tenfold margin
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "A KV cache keeps the keys and values of earlier tokens, so decoding reads them instead of recomputing.",
+    "你好，世界",
+    "short",
+    "Paris is the capital of France, and it is known for the Eiffel Tower. " * 4,
+)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), checked at run time."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 class EmbeddingEngine(EngineClient):
-    def __init__(self, path: str | Path, name: str, batch_tokens: int = 8192, device: str = "cpu"):
+    def __init__(
+        self, path: str | Path, name: str, batch_tokens: int = 1024, device: str = "cpu", dtype: str = "auto"
+    ):
+        """`batch_tokens`: tokens per forward (texts are packed, one longer text runs alone); `dtype`: the layers'
+        dtype, "auto" (bfloat16 where native and accurate, see above), "float32" or "bfloat16"."""
+        if dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"embedding dtype must be auto, float32 or bfloat16, got {dtype!r}")
         self.path = Path(path)
         self.name = name
         self.batch_tokens = batch_tokens
         self.device = device
+        self.dtype = dtype
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -79,7 +110,31 @@ class EmbeddingEngine(EngineClient):
             weights_bytes=weights, kv_cache_bytes=0,
         )  # fmt: skip
         self.dimensions = cfg["hidden_size"]
+        layers_dtype = self.choose_dtype()
+        self.info = dataclasses.replace(self.info, dtype=layers_dtype, quantization=layers_dtype,
+                                        weights_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()))  # fmt: skip
         self.load_seconds = time.perf_counter() - t0
+
+    def choose_dtype(self) -> str:
+        """Cast the layers to bfloat16 if asked, or ("auto") if the CPU has native bf16 and the probe texts keep
+        their direction (min cosine >= BF16_MIN_COSINE against float32); returns the dtype chosen."""
+        if self.dtype == "float32" or (self.dtype == "auto" and not native_bf16()):
+            return "float32"
+        layers = self.model.layers
+        reduced = copy.deepcopy(layers).to(torch.bfloat16)
+        if self.dtype == "auto":
+            probe = self.tokenize(list(PROBE_TEXTS), truncate=True)
+            reference = self.encode(probe)
+            self.model.layers = reduced
+            cosine = torch.nn.functional.cosine_similarity(self.encode(probe), reference).min().item()
+            self.texts_total = self.batches_total = 0
+            if cosine < BF16_MIN_COSINE:
+                log.warning("bfloat16 layers moved the probe embeddings (min cosine %.6f): serving float32", cosine,
+                            extra={"model": self.name, "min_cosine": cosine})  # fmt: skip
+                self.model.layers = layers
+                return "float32"
+        self.model.layers = reduced
+        return "bfloat16"
 
     @property
     def dead(self) -> BaseException | None:
@@ -90,36 +145,21 @@ class EmbeddingEngine(EngineClient):
         return self._in_flight
 
     def stats(self) -> EngineStats:
-        return EngineStats(self._in_flight, 0, 0.0, 0, 0, 0.0, 0, 0, 0, self.texts_total, 0, self.batches_total)
+        return EngineStats(
+            self._in_flight, 0, 0.0, 0, 0, 0.0, 0, 0, 0, self.texts_total, 0, self.batches_total
+        )
 
     # -- requests -------------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
         """Token ids with the model's special tokens; longer than the context: cut (truncate) or a ValueError."""
         ids = self.tokenizer.hf(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        out = []
-        for i, row in enumerate(ids):
-            if len(row) > self.max_length:
-                if not truncate:
-                    raise ValueError(
-                        f"input {i} is {len(row)} tokens long but {self.name} takes at most {self.max_length}; "
-                        "shorten it or ask for truncation"
-                    )
-                row = row[: self.max_length - 1] + row[-1:]  # keep the closing [SEP]
-            out.append(row)
-        return out
+        return fit_rows(ids, self.max_length, self.name, truncate, keep_last=True)  # keep the closing [SEP]
 
     async def embed(self, batch: list[list[int]]) -> torch.Tensor:
         """One pooled (and, as configured, normalised) float32 row per token list."""
         if self._dead is not None:
             raise EngineDeadError(f"the embedding engine stopped after an error: {self._dead}")
-        for i, row in enumerate(batch):
-            if not row:
-                raise ValueError(f"input {i} is empty")
-            if len(row) > self.max_length:
-                raise ValueError(f"input {i} is {len(row)} tokens long but {self.name} takes at most {self.max_length}")
-            bad = [t for t in row if not 0 <= t < self.info.vocab_size]
-            if bad:
-                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.info.vocab_size})")
+        check_rows(batch, self.max_length, self.info.vocab_size, self.name)
         future = self._loop.create_future()
         self._in_flight += 1
         try:
@@ -174,7 +214,9 @@ class EmbeddingEngine(EngineClient):
             log.exception("embedding failed")
             self._dead = exc
             for _, future in jobs:
-                self._settle(future, error=EngineDeadError(f"the embedding engine stopped after an error: {exc}"))
+                self._settle(
+                    future, error=EngineDeadError(f"the embedding engine stopped after an error: {exc}")
+                )
             return
         start = 0
         for batch, future in jobs:
@@ -182,35 +224,30 @@ class EmbeddingEngine(EngineClient):
             start += len(batch)
 
     def batches(self, rows: list[list[int]]) -> list[list[int]]:
-        """Row indices grouped for one forward each: sorted by length, as many rows as fit `batch_tokens` padded
-        while padding stays under 1/8 of the real tokens (padding is computed like real tokens: one group of 256
-        short texts padded to the longest ran 0.7x sentence-transformers' speed, groups of similar lengths 1x+)."""
+        """Row indices grouped for one forward each: sorted by length (equal lengths become one attention run),
+        as many rows as fit `batch_tokens` (a longer row alone). Packed, so nothing is padded."""
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         groups: list[list[int]] = []
-        real = 0
+        tokens = 0
         for i in order:
             n = len(rows[i])
-            padded = (len(groups[-1]) + 1) * n if groups else 0
-            if groups and padded <= self.batch_tokens and padded * 8 <= (real + n) * 9:
+            if groups and tokens + n <= self.batch_tokens:
                 groups[-1].append(i)
-                real += n
+                tokens += n
             else:
                 groups.append([i])
-                real = n
+                tokens = n
         return groups
 
     @torch.inference_mode()
     def encode(self, rows: list[list[int]]) -> torch.Tensor:
         """Embeddings of token lists, in the given order."""
+        from turbofan.model.architectures.bert import Packed
+
         out = torch.empty(len(rows), self.dimensions)
-        for chunk in self.batches(rows):
-            width = len(rows[chunk[-1]])
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for j, i in enumerate(chunk):
-                ids[j, : len(rows[i])] = torch.tensor(rows[i])
-                mask[j, : len(rows[i])] = 1
-            out[torch.tensor(chunk)] = self.pooling(self.model(ids, mask), mask).float()
+        for group in self.batches(rows):
+            packed = Packed.build([rows[i] for i in group])
+            out[torch.tensor(group)] = self.pooling(self.model(packed), packed.lengths)
             self.batches_total += 1
         self.texts_total += len(rows)
         return out
