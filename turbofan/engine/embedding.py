@@ -3,8 +3,13 @@
 Requests queue up while a batch runs; the thread then takes every pending text at once, sorts them by length
 (equal lengths side by side: attention's runs), packs as many per forward as fit a token budget (no padding: see
 model/architectures/bert.py) and hands each request its rows back on the event loop with one
-`call_soon_threadsafe`. Like AsyncEngine it builds the model on that thread, which then does all the torch work
-(see async_engine.py on OpenMP thread teams). Generation requests are refused: it has no LM head.
+`call_soon_threadsafe`. Generation requests are refused: it has no LM head.
+
+The thread ends once it has been idle for `linger` seconds, and the next request starts a new one. Every thread
+that runs torch ops keeps an OpenMP thread team; once a process has more OpenMP threads than CPUs, libgomp stops
+spin-waiting between parallel regions (its "throttled" spin: 100 iterations, then a futex sleep), so each op pays
+a wake-up. An idle embedding model would otherwise cost the chat model beside it that on every op, for as long as
+it stays loaded (measured: 256 texts embedded with a second idle team alive ran 0.80x; docs/benchmarks.md).
 
 The layers run in bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX: oneDNN's bf16 matmuls
 are then ~2x float32's) and float32 elsewhere (AVX2: bf16 would be emulated, slower). Like a speculative tier it is
@@ -53,10 +58,17 @@ def native_bf16() -> bool:
 
 class EmbeddingEngine(EngineClient):
     def __init__(
-        self, path: str | Path, name: str, batch_tokens: int = 1024, device: str = "cpu", dtype: str = "auto"
+        self,
+        path: str | Path,
+        name: str,
+        batch_tokens: int = 1024,
+        device: str = "cpu",
+        dtype: str = "auto",
+        linger: float = 2.0,
     ):
         """`batch_tokens`: tokens per forward (texts are packed, one longer text runs alone); `dtype`: the layers'
-        dtype, "auto" (bfloat16 where native and accurate, see above), "float32" or "bfloat16"."""
+        dtype, "auto" (bfloat16 where native and accurate, see above), "float32" or "bfloat16"; `linger`: seconds
+        the worker thread waits for more work before it ends."""
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"embedding dtype must be auto, float32 or bfloat16, got {dtype!r}")
         self.path = Path(path)
@@ -64,8 +76,12 @@ class EmbeddingEngine(EngineClient):
         self.batch_tokens = batch_tokens
         self.device = device
         self.dtype = dtype
+        self.linger = linger
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the worker, while one runs
+        self._thread_lock = (
+            threading.Lock()
+        )  # orders "queue empty, the worker ends" against "a job, start one"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
         self._dead: BaseException | None = None
@@ -79,15 +95,25 @@ class EmbeddingEngine(EngineClient):
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
-        self._thread = threading.Thread(target=self._run, name=f"turbofan-embed-{self.name}", daemon=True)
-        self._thread.start()
+        with self._thread_lock:
+            self._start_worker(load=True)
         await self._ready
 
     async def stop(self) -> None:
-        self._queue.put(None)
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+        with self._thread_lock:
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
         self.model = None
+
+    def _start_worker(self, load: bool = False) -> None:
+        """(under _thread_lock)"""
+        self._thread = threading.Thread(
+            target=self._run, args=(load,), name=f"turbofan-embed-{self.name}", daemon=True
+        )
+        self._thread.start()
 
     def load(self) -> None:
         """Build the encoder, its tokenizer and its pooling (called on the engine thread)."""
@@ -163,7 +189,10 @@ class EmbeddingEngine(EngineClient):
         future = self._loop.create_future()
         self._in_flight += 1
         try:
-            self._queue.put((batch, future))
+            with self._thread_lock:
+                self._queue.put((batch, future))
+                if self._thread is None:
+                    self._start_worker()
             return await future
         finally:
             self._in_flight -= 1
@@ -187,15 +216,25 @@ class EmbeddingEngine(EngineClient):
         with contextlib.suppress(RuntimeError):  # the event loop is gone
             self._loop.call_soon_threadsafe(settle)
 
-    def _run(self) -> None:
-        try:
-            self.load()
-        except BaseException as exc:  # noqa: BLE001 — handed to start()'s caller
-            self._settle(self._ready, error=exc)
-            return
-        self._settle(self._ready)
+    def _run(self, load: bool) -> None:
+        if load:
+            try:
+                self.load()
+            except BaseException as exc:  # noqa: BLE001 — handed to start()'s caller
+                with self._thread_lock:
+                    self._thread = None
+                self._settle(self._ready, error=exc)
+                return
+            self._settle(self._ready)
         while True:
-            pending = [self._queue.get()]
+            try:
+                pending = [self._queue.get(timeout=self.linger)]
+            except queue.Empty:
+                with self._thread_lock:  # idle: end, unless a job arrived just now
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
             with contextlib.suppress(queue.Empty):
                 while True:
                     pending.append(self._queue.get_nowait())
@@ -204,6 +243,8 @@ class EmbeddingEngine(EngineClient):
             if jobs:
                 self._serve(jobs)
             if stop:
+                with self._thread_lock:
+                    self._thread = None
                 return
 
     def _serve(self, jobs: list) -> None:
