@@ -6,8 +6,8 @@ Both sides embed the same short texts in one process, taking turns, and the medi
 EmbeddingEngine as served (its own thread, started for its turn and stopped after it), its `encode` on a fresh
 thread per turn (the dtype it picks: bfloat16 layers on CPUs with native bf16, see engine/embedding.py) and the
 float32 layers forced, against `SentenceTransformer.encode` (batch_size 32, its default) on the very same model
-directory, on a fresh thread per turn too. Then each model is loaded through the ModelManager (the path a request takes), unloaded, and loaded
-again: seconds for each.
+directory, on a fresh thread per turn too. Then each model is loaded through the ModelManager (the path a request
+takes), unloaded, and loaded again: seconds for each.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ The thread ends once it has been idle for `linger` seconds, and the next request
 that runs torch ops keeps an OpenMP thread team; once a process has more OpenMP threads than CPUs, libgomp stops
 spin-waiting between parallel regions (its "throttled" spin: 100 iterations, then a futex sleep), so each op pays
 a wake-up. An idle embedding model would otherwise cost the chat model beside it that on every op, for as long as
-it stays loaded (measured: 256 texts embedded with a second idle team alive ran 0.80x; docs/benchmarks.md).
+it stays loaded (measured: smollm2 decoded at 0.42x beside an idle embedding thread; docs/benchmarks.md).
 
 The layers run in bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX: oneDNN's bf16 matmuls
 are then ~2x float32's) and float32 elsewhere (AVX2: bf16 would be emulated, slower). Like a speculative tier it is
