@@ -88,6 +88,8 @@ def _worker(rank: int, world: int, init_method: str, cores: list[int], parent: i
         kind, payload = command
         if kind == "forward":
             runner.execute(_on_device(payload, runner.device))
+        elif kind == "hidden":
+            runner.hidden_states(payload)
         elif kind == "copy":
             runner.copy_blocks(payload)
     group.close()
@@ -125,6 +127,10 @@ class TensorParallelRunner(ModelRunner):
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         self.group.broadcast(("forward", batch))
         return super().execute(batch)
+
+    def hidden_states(self, batch: ForwardBatch) -> torch.Tensor:
+        self.group.broadcast(("hidden", batch))
+        return super().hidden_states(batch)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if pairs:

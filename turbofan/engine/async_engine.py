@@ -12,6 +12,9 @@ threads than there are CPUs it stops spin-waiting between parallel regions; a mo
 on another then decodes at about half speed on a 2-core machine. The engine thread and the event loop also trade
 the GIL (the forward runs Python between its ops): starting lowers the interpreter's switch interval from 5 ms to
 0.5 ms, so neither waits long for the other.
+
+Embedding requests to the model (Ollama's /api/embed takes any model) run on the same thread between steps:
+prefill-only forwards that return the last token's final hidden state (engine/hidden_states.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import asdict
 import psutil
 
 from turbofan.engine.client import EngineClient
+from turbofan.engine.embed_inputs import check_rows, fit_rows
 from turbofan.engine.engine import Engine, EngineStats
 from turbofan.engine.errors import RequestFailedError
 from turbofan.engine.outputs import CompletionDelta, RequestDelta
@@ -105,11 +109,15 @@ class AsyncEngine(EngineClient):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: BaseException | None = None
         self._torch_profile: tuple[int, str | None, asyncio.Future] | None = None
+        self._embeds: deque = deque()  # EmbedJobs on the engine thread, first come first served
+        self._embedder = None  # a HiddenStateEmbedder, made on the engine thread when first needed
+        self._embeds_in_flight = 0
 
     def _bind(self, engine: Engine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.info = engine.model_info()
+        self.dimensions = engine.runner.args.hidden_size
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,7 +142,7 @@ class AsyncEngine(EngineClient):
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + self._embeds_in_flight
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -183,6 +191,29 @@ class AsyncEngine(EngineClient):
                 self._commands.put(("abort", request_id))
                 self._wake.set()
 
+    def tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        """Embedding inputs: each text's token ids (with the tokenizer's special tokens), cut to the context length
+        when `truncate`, else a ValueError naming both lengths."""
+        ids = [self.tokenizer.encode(text) for text in texts]
+        return fit_rows(ids, self.info.max_model_len, self.info.name, truncate, keep_last=False)
+
+    async def embed(self, batch: list[list[int]]):
+        """The normalised final hidden state of each token list's last token (or the pooling the model's
+        sentence-transformers files configure), float32 [len(batch), hidden]."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        check_rows(batch, self.info.max_model_len, self.info.vocab_size, self.info.name)
+        from turbofan.engine.hidden_states import EmbedJob
+
+        job = EmbedJob([list(row) for row in batch], asyncio.get_running_loop().create_future())
+        self._embeds_in_flight += 1
+        try:
+            self._commands.put(("embed", job))
+            self._wake.set()
+            return await job.future
+        finally:
+            self._embeds_in_flight -= 1
+
     def beam_search(self, prompt: str | list[int], params: SamplingParams, request_id: str):
         from turbofan.engine.beam_search import beam_search_async
 
@@ -220,6 +251,8 @@ class AsyncEngine(EngineClient):
                     self.engine.add_request(rid, ids, params, arrival, prompt_text=text)
                 except Exception as exc:  # validation raced with a config change, or an id clash
                     errors.append((rid, exc))
+            elif cmd[0] == "embed":
+                self._embeds.append(cmd[1])
             else:
                 out = self.engine.abort_request(cmd[1])
                 if out is not None:  # anyone still listening learns how it ended
@@ -229,6 +262,26 @@ class AsyncEngine(EngineClient):
                                          out.num_cached_tokens)  # fmt: skip
                     errors.append((out.request_id, delta))
         self._deliver(errors)
+
+    def _run_embeds(self) -> None:
+        """Advance the pending embedding jobs in order; one that waits for KV blocks holds back those after it."""
+        from turbofan.engine.hidden_states import HiddenStateEmbedder
+
+        if self._embedder is None:
+            self._embedder = HiddenStateEmbedder.for_engine(self.engine)
+        while self._embeds:
+            job = self._embeds[0]
+            try:
+                if not self._embedder.advance(job):
+                    if self.engine.has_unfinished_requests():
+                        return  # a step will free blocks
+                    raise RuntimeError("the KV cache has too few free blocks for this input")  # (validated)
+                outcome = (True, HiddenStateEmbedder.result(job))
+            except Exception as exc:  # this request fails; the engine serves on
+                log.exception("an embedding forward failed")
+                outcome = (False, exc)
+            self._embeds.popleft()
+            self._loop.call_soon_threadsafe(_settle_future, job.future, *outcome)
 
     def _step(self) -> None:
         try:
@@ -264,9 +317,13 @@ class AsyncEngine(EngineClient):
         try:
             while not self._stopping:
                 self._drain_commands()
+                if self._embeds:
+                    self._run_embeds()
                 if self._torch_profile is not None:
                     self._run_torch_profile()
                 elif not self.engine.has_unfinished_requests():
+                    if self._embeds:
+                        continue
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                 else:
@@ -281,6 +338,8 @@ class AsyncEngine(EngineClient):
             self._dead = exc
             error = EngineDeadError(f"the engine stopped after an error: {exc}")
             self._deliver([(rid, error) for rid in list(self._streams)])
+            for job in self._embeds:
+                self._loop.call_soon_threadsafe(_settle_future, job.future, False, error)
             if self._torch_profile is not None:
                 future = self._torch_profile[2]
                 self._loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(error))
@@ -346,3 +405,9 @@ class AsyncEngine(EngineClient):
             pass
         stats_log.info("engine stats", extra=extra)
         return stats.generation_tokens_total
+
+
+def _settle_future(future: asyncio.Future, ok: bool, value) -> None:
+    """On the event loop: hand a result (or an error) to a caller that may have left already."""
+    if not future.done():
+        future.set_result(value) if ok else future.set_exception(value)

@@ -166,6 +166,18 @@ class BlockManager:
             seq.block_table.append(self._take())
         return True
 
+    def take_scratch(self, num_blocks: int) -> list[int] | None:
+        """Blocks for a forward that keeps no KV afterwards (an embedding's prefill: see engine/hidden_states.py),
+        never registered in the prefix cache; None, taking nothing, when fewer are free. Give them back with
+        free_scratch right after the forward."""
+        if num_blocks > len(self.free):
+            return None
+        return [self._take() for _ in range(num_blocks)]
+
+    def free_scratch(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self._unref(block)
+
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Give back the blocks past the first `num_tokens` slots (rejected speculative tokens' KV)."""
         keep = -(-num_tokens // self.block_size)

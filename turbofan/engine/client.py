@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from turbofan.engine.engine import EngineStats
     from turbofan.engine.outputs import RequestDelta
     from turbofan.engine.params import SamplingParams
@@ -71,6 +73,17 @@ class EngineClient(ABC):
 
     @abstractmethod
     def stats(self) -> EngineStats: ...
+
+    # -- embeddings (every model: an encoder pools its states, a decoder returns its last token's) --------------------
+    dimensions: int  # the width of the vectors embed() returns
+
+    def tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        """Embedding inputs as token ids; longer than the model takes: cut (`truncate`) or a ValueError."""
+        raise ValueError(f"{self.info.name} does not support embeddings")
+
+    async def embed(self, batch: list[list[int]]) -> torch.Tensor:
+        """One float32 vector per token list; a ValueError for an input the model cannot take."""
+        raise ValueError(f"{self.info.name} does not support embeddings")
 
     # -- operator views (debug endpoints, metrics) ------------------------------------------------------------------
     def tiers(self) -> dict:

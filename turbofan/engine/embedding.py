@@ -1,17 +1,31 @@
 """EmbeddingEngine: the EngineClient of an embedding model — an encoder on its own thread, requests batched.
 
 Requests queue up while a batch runs; the thread then takes every pending text at once, sorts them by length
-(so a batch pads little), runs as many per forward as fit a token budget and hands each request its rows back on the event loop
-with one `call_soon_threadsafe`. Like AsyncEngine it builds the model on that thread, which then does all the
-torch work (see async_engine.py on OpenMP thread teams). Generation requests are refused: it has no LM head.
+(equal lengths side by side: attention's runs), packs as many per forward as fit a token budget (no padding: see
+model/architectures/bert.py) and hands each request its rows back on the event loop with one
+`call_soon_threadsafe`. Generation requests are refused: it has no LM head.
+
+The thread ends once it has been idle for `linger` seconds, and the next request starts a new one. Every thread
+that runs torch ops keeps an OpenMP thread team; once a process has more OpenMP threads than CPUs, libgomp stops
+spin-waiting between parallel regions (its "throttled" spin: 100 iterations, then a futex sleep), so each op pays
+a wake-up. An idle embedding model would otherwise cost the chat model beside it that on every op, for as long as
+it stays loaded (measured: smollm2 decoded at 0.42x beside an idle embedding thread; docs/benchmarks.md).
+
+The layers run in bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX: oneDNN's bf16 matmuls
+are then ~2x float32's) and float32 elsewhere (AVX2: bf16 would be emulated, slower). Like a speculative tier it is
+checked before it is trusted: at load, a few probe texts are embedded both ways, and unless every cosine is at
+least BF16_MIN_COSINE the float32 layers are kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
+import math
 import queue
 import sys
 import threading
@@ -22,19 +36,53 @@ import torch
 
 from turbofan.engine.async_engine import SWITCH_INTERVAL, EngineDeadError
 from turbofan.engine.client import EngineClient, ModelInfo
+from turbofan.engine.embed_inputs import check_rows, fit_rows
 from turbofan.engine.engine import EngineStats
 
 log = logging.getLogger("turbofan.engine")
+BF16_MIN_COSINE = 0.9995  # served vectors must stay > 0.999 from sentence-transformers: half the distance
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "A KV cache keeps the keys and values of earlier tokens, so decoding reads them instead of recomputing.",
+    "你好，世界",
+    "short",
+    "Paris is the capital of France, and it is known for the Eiffel Tower. " * 4,
+)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), checked at run time."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 class EmbeddingEngine(EngineClient):
-    def __init__(self, path: str | Path, name: str, batch_tokens: int = 8192, device: str = "cpu"):
+    def __init__(
+        self,
+        path: str | Path,
+        name: str,
+        batch_tokens: int = 1024,
+        device: str = "cpu",
+        dtype: str = "auto",
+        linger: float = 2.0,
+    ):
+        """`batch_tokens`: tokens per forward (texts are packed, one longer text runs alone); `dtype`: the layers'
+        dtype, "auto" (bfloat16 where native and accurate, see above), "float32" or "bfloat16"; `linger`: seconds
+        the worker thread waits for more work before it ends (math.inf: it never does)."""
+        if dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"embedding dtype must be auto, float32 or bfloat16, got {dtype!r}")
         self.path = Path(path)
         self.name = name
         self.batch_tokens = batch_tokens
         self.device = device
+        self.dtype = dtype
+        self.linger = linger
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the worker, while one runs
+        self._thread_lock = (
+            threading.Lock()
+        )  # orders "queue empty, the worker ends" against "a job, start one"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
         self._dead: BaseException | None = None
@@ -48,15 +96,25 @@ class EmbeddingEngine(EngineClient):
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
-        self._thread = threading.Thread(target=self._run, name=f"turbofan-embed-{self.name}", daemon=True)
-        self._thread.start()
+        with self._thread_lock:
+            self._start_worker(load=True)
         await self._ready
 
     async def stop(self) -> None:
-        self._queue.put(None)
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+        with self._thread_lock:
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
         self.model = None
+
+    def _start_worker(self, load: bool = False) -> None:
+        """(under _thread_lock)"""
+        self._thread = threading.Thread(
+            target=self._run, args=(load,), name=f"turbofan-embed-{self.name}", daemon=True
+        )
+        self._thread.start()
 
     def load(self) -> None:
         """Build the encoder, its tokenizer and its pooling (called on the engine thread)."""
@@ -79,7 +137,31 @@ class EmbeddingEngine(EngineClient):
             weights_bytes=weights, kv_cache_bytes=0,
         )  # fmt: skip
         self.dimensions = cfg["hidden_size"]
+        layers_dtype = self.choose_dtype()
+        self.info = dataclasses.replace(self.info, dtype=layers_dtype, quantization=layers_dtype,
+                                        weights_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()))  # fmt: skip
         self.load_seconds = time.perf_counter() - t0
+
+    def choose_dtype(self) -> str:
+        """Cast the layers to bfloat16 if asked, or ("auto") if the CPU has native bf16 and the probe texts keep
+        their direction (min cosine >= BF16_MIN_COSINE against float32); returns the dtype chosen."""
+        if self.dtype == "float32" or (self.dtype == "auto" and not native_bf16()):
+            return "float32"
+        layers = self.model.layers
+        reduced = copy.deepcopy(layers).to(torch.bfloat16)
+        if self.dtype == "auto":
+            probe = self.tokenize(list(PROBE_TEXTS), truncate=True)
+            reference = self.encode(probe)
+            self.model.layers = reduced
+            cosine = torch.nn.functional.cosine_similarity(self.encode(probe), reference).min().item()
+            self.texts_total = self.batches_total = 0
+            if cosine < BF16_MIN_COSINE:
+                log.warning("bfloat16 layers moved the probe embeddings (min cosine %.6f): serving float32", cosine,
+                            extra={"model": self.name, "min_cosine": cosine})  # fmt: skip
+                self.model.layers = layers
+                return "float32"
+        self.model.layers = reduced
+        return "bfloat16"
 
     @property
     def dead(self) -> BaseException | None:
@@ -90,40 +172,28 @@ class EmbeddingEngine(EngineClient):
         return self._in_flight
 
     def stats(self) -> EngineStats:
-        return EngineStats(self._in_flight, 0, 0.0, 0, 0, 0.0, 0, 0, 0, self.texts_total, 0, self.batches_total)
+        return EngineStats(
+            self._in_flight, 0, 0.0, 0, 0, 0.0, 0, 0, 0, self.texts_total, 0, self.batches_total
+        )
 
     # -- requests -------------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
         """Token ids with the model's special tokens; longer than the context: cut (truncate) or a ValueError."""
         ids = self.tokenizer.hf(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        out = []
-        for i, row in enumerate(ids):
-            if len(row) > self.max_length:
-                if not truncate:
-                    raise ValueError(
-                        f"input {i} is {len(row)} tokens long but {self.name} takes at most {self.max_length}; "
-                        "shorten it or ask for truncation"
-                    )
-                row = row[: self.max_length - 1] + row[-1:]  # keep the closing [SEP]
-            out.append(row)
-        return out
+        return fit_rows(ids, self.max_length, self.name, truncate, keep_last=True)  # keep the closing [SEP]
 
     async def embed(self, batch: list[list[int]]) -> torch.Tensor:
         """One pooled (and, as configured, normalised) float32 row per token list."""
         if self._dead is not None:
             raise EngineDeadError(f"the embedding engine stopped after an error: {self._dead}")
-        for i, row in enumerate(batch):
-            if not row:
-                raise ValueError(f"input {i} is empty")
-            if len(row) > self.max_length:
-                raise ValueError(f"input {i} is {len(row)} tokens long but {self.name} takes at most {self.max_length}")
-            bad = [t for t in row if not 0 <= t < self.info.vocab_size]
-            if bad:
-                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.info.vocab_size})")
+        check_rows(batch, self.max_length, self.info.vocab_size, self.name)
         future = self._loop.create_future()
         self._in_flight += 1
         try:
-            self._queue.put((batch, future))
+            with self._thread_lock:
+                self._queue.put((batch, future))
+                if self._thread is None:
+                    self._start_worker()
             return await future
         finally:
             self._in_flight -= 1
@@ -147,15 +217,25 @@ class EmbeddingEngine(EngineClient):
         with contextlib.suppress(RuntimeError):  # the event loop is gone
             self._loop.call_soon_threadsafe(settle)
 
-    def _run(self) -> None:
-        try:
-            self.load()
-        except BaseException as exc:  # noqa: BLE001 — handed to start()'s caller
-            self._settle(self._ready, error=exc)
-            return
-        self._settle(self._ready)
+    def _run(self, load: bool) -> None:
+        if load:
+            try:
+                self.load()
+            except BaseException as exc:  # noqa: BLE001 — handed to start()'s caller
+                with self._thread_lock:
+                    self._thread = None
+                self._settle(self._ready, error=exc)
+                return
+            self._settle(self._ready)
         while True:
-            pending = [self._queue.get()]
+            try:
+                pending = [self._queue.get(timeout=None if math.isinf(self.linger) else self.linger)]
+            except queue.Empty:
+                with self._thread_lock:  # idle: end, unless a job arrived just now
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
             with contextlib.suppress(queue.Empty):
                 while True:
                     pending.append(self._queue.get_nowait())
@@ -164,6 +244,8 @@ class EmbeddingEngine(EngineClient):
             if jobs:
                 self._serve(jobs)
             if stop:
+                with self._thread_lock:
+                    self._thread = None
                 return
 
     def _serve(self, jobs: list) -> None:
@@ -174,7 +256,9 @@ class EmbeddingEngine(EngineClient):
             log.exception("embedding failed")
             self._dead = exc
             for _, future in jobs:
-                self._settle(future, error=EngineDeadError(f"the embedding engine stopped after an error: {exc}"))
+                self._settle(
+                    future, error=EngineDeadError(f"the embedding engine stopped after an error: {exc}")
+                )
             return
         start = 0
         for batch, future in jobs:
@@ -182,35 +266,30 @@ class EmbeddingEngine(EngineClient):
             start += len(batch)
 
     def batches(self, rows: list[list[int]]) -> list[list[int]]:
-        """Row indices grouped for one forward each: sorted by length, as many rows as fit `batch_tokens` padded
-        while padding stays under 1/8 of the real tokens (padding is computed like real tokens: one group of 256
-        short texts padded to the longest ran 0.7x sentence-transformers' speed, groups of similar lengths 1x+)."""
+        """Row indices grouped for one forward each: sorted by length (equal lengths become one attention run),
+        as many rows as fit `batch_tokens` (a longer row alone). Packed, so nothing is padded."""
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         groups: list[list[int]] = []
-        real = 0
+        tokens = 0
         for i in order:
             n = len(rows[i])
-            padded = (len(groups[-1]) + 1) * n if groups else 0
-            if groups and padded <= self.batch_tokens and padded * 8 <= (real + n) * 9:
+            if groups and tokens + n <= self.batch_tokens:
                 groups[-1].append(i)
-                real += n
+                tokens += n
             else:
                 groups.append([i])
-                real = n
+                tokens = n
         return groups
 
     @torch.inference_mode()
     def encode(self, rows: list[list[int]]) -> torch.Tensor:
         """Embeddings of token lists, in the given order."""
+        from turbofan.model.architectures.bert import Packed
+
         out = torch.empty(len(rows), self.dimensions)
-        for chunk in self.batches(rows):
-            width = len(rows[chunk[-1]])
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for j, i in enumerate(chunk):
-                ids[j, : len(rows[i])] = torch.tensor(rows[i])
-                mask[j, : len(rows[i])] = 1
-            out[torch.tensor(chunk)] = self.pooling(self.model(ids, mask), mask).float()
+        for group in self.batches(rows):
+            packed = Packed.build([rows[i] for i in group])
+            out[torch.tensor(group)] = self.pooling(self.model(packed), packed.lengths)
             self.batches_total += 1
         self.texts_total += len(rows)
         return out

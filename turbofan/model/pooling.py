@@ -9,6 +9,7 @@ decoders, and normalises (what retrieval expects); `sentence_bert_config.json` g
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +30,18 @@ class Pooling:
         if self.mode not in ("mean", "cls", "lasttoken"):
             raise ValueError(f"pooling mode {self.mode!r} is not supported (mean, cls, lasttoken are)")
 
-    def __call__(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """states [batch, tokens, hidden], mask [batch, tokens] (1 = real token, right padding) -> [batch, hidden]."""
+    def __call__(self, states: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """states [T, hidden] of texts laid end to end (`lengths` tokens each, none empty) -> [texts, hidden]."""
+        lens = torch.tensor(lengths, dtype=torch.long, device=states.device)
+        ends = torch.cumsum(lens, 0)
         if self.mode == "cls":
-            pooled = states[:, 0]
+            pooled = states[ends - lens]
         elif self.mode == "lasttoken":
-            last = mask.sum(1).long() - 1
-            pooled = states[torch.arange(states.shape[0]), last]
+            pooled = states[ends - 1]
         else:
-            m = mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            text = torch.repeat_interleave(torch.arange(len(lens), device=states.device), lens)
+            sums = torch.zeros(len(lens), states.shape[1], dtype=states.dtype, device=states.device)
+            pooled = sums.index_add_(0, text, states) / lens[:, None].to(states.dtype)
         return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
 
 
@@ -68,7 +71,9 @@ def read_pooling(path: Path, decoder: bool = False) -> Pooling:
             others = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v and k[13:] not in
                       ("cls_token", "mean_tokens", "lasttoken")]  # fmt: skip
             if others or len(modes) > 1:
-                raise ValueError(f"pooling {others or modes} in {path} is not supported (one of mean, cls, lasttoken)")
+                raise ValueError(
+                    f"pooling {others or modes} in {path} is not supported (one of mean, cls, lasttoken)"
+                )
             if modes:
                 mode = {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "lasttoken"}[modes[0]]
     return Pooling(mode, normalize, max_len)

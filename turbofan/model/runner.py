@@ -135,6 +135,14 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, meta)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
 
+    @torch.inference_mode()
+    def hidden_states(self, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states (after the final norm) of every row, float32 on the host: what embeddings pool.
+        Eager: embeddings are rare next to decode steps, and the compiled tiers are keyed on logits."""
+        batch = batch if self.device == "cpu" else batch.to(self.device)
+        meta = AttentionMetadata.from_batch(batch, self.windows)
+        return self.model(batch.input_ids, batch.positions, self.kv_cache, meta).float().cpu()
+
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [len(batch.logits_indices), vocab] in float32 (the forward function picks its grad mode), on the
         host: the batch moves to the runner's device and the logits come back to the sampler's."""

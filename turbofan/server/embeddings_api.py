@@ -5,6 +5,10 @@ is pending. The vectors are the model's own (pooling and normalisation as its se
 `/api/embed` always returns unit vectors (Ollama does); `dimensions` keeps the first d components and normalises
 again (OpenAI's and Ollama's Matryoshka truncation). `encoding_format: base64` is little-endian float32 — what the
 `openai` SDK asks for by default and decodes with numpy.
+
+The vectors leave the engine as numpy arrays: what the routes compute on them (normalising, shortening) must not
+run torch ops on the event loop's thread, where an op big enough to go parallel would give that thread an OpenMP
+team of its own for good, and a second team makes libgomp stop spin-waiting for every engine (engine/embedding.py).
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ import base64
 import time
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
@@ -59,11 +62,15 @@ def ctx_of(request: Request) -> ServerContext:
     return request.app.state.ctx
 
 
-async def _embed(request: Request, client, batch: list[list[int]]) -> torch.Tensor:
+def _normalize(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+async def _embed(request: Request, client, batch: list[list[int]]) -> np.ndarray:
     if not batch:
-        return torch.empty(0, 0)
+        return np.zeros((0, 0), dtype=np.float32)
     try:
-        return await unless_disconnected(request, client.embed(batch))
+        return (await unless_disconnected(request, client.embed(batch))).numpy()
     except ValueError as exc:
         raise bad_request(str(exc), "input") from None
     except EngineDeadError as exc:
@@ -77,12 +84,14 @@ def _tokenize(client, texts: list[str], truncate: bool) -> list[list[int]]:
         raise bad_request(str(exc), "input") from None
 
 
-def _shorten(vectors: torch.Tensor, dimensions: int | None, width: int) -> torch.Tensor:
+def _shorten(vectors: np.ndarray, dimensions: int | None, width: int) -> np.ndarray:
     if dimensions is None:
         return vectors
     if not 1 <= dimensions <= width:
-        raise bad_request(f"dimensions must be between 1 and {width} for this model, got {dimensions}", "dimensions")
-    return F.normalize(vectors[:, :dimensions], dim=-1)
+        raise bad_request(
+            f"dimensions must be between 1 and {width} for this model, got {dimensions}", "dimensions"
+        )
+    return _normalize(vectors[:, :dimensions])
 
 
 async def _model(ctx: ServerContext, name: str | None, keep_alive: Any = None, ollama: bool = False):
@@ -100,7 +109,9 @@ async def _model(ctx: ServerContext, name: str | None, keep_alive: Any = None, o
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
     ctx = ctx_of(request)
     if body.encoding_format not in ("float", "base64"):
-        raise bad_request(f"encoding_format must be float or base64, got {body.encoding_format!r}", "encoding_format")
+        raise bad_request(
+            f"encoding_format must be float or base64, got {body.encoding_format!r}", "encoding_format"
+        )
     inputs = body.input
     if isinstance(inputs, str) or (inputs and all(isinstance(x, str) for x in inputs)):
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -113,10 +124,12 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
     elif inputs and all(isinstance(x, list) for x in inputs):
         client, batch = await _model(ctx, body.model), [list(x) for x in inputs]
     else:
-        raise bad_request("input must be a non-empty string, list of strings, or list of token id lists", "input")
+        raise bad_request(
+            "input must be a non-empty string, list of strings, or list of token id lists", "input"
+        )
     vectors = _shorten(await _embed(request, client, batch), body.dimensions, client.dimensions)
     if body.encoding_format == "base64":
-        values = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
+        values = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:
         values = vectors.tolist()
     tokens = sum(len(row) for row in batch)
@@ -138,7 +151,7 @@ async def ollama_embed(body: OllamaEmbedRequest, request: Request) -> dict:
     batch = _tokenize(client, texts, body.truncate) if texts else []
     vectors = await _embed(request, client, batch)
     if texts:
-        vectors = _shorten(F.normalize(vectors, dim=-1), body.dimensions, client.dimensions)
+        vectors = _shorten(_normalize(vectors), body.dimensions, client.dimensions)
     return {
         "model": body.model,
         "embeddings": vectors.tolist() if texts else [],

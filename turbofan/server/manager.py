@@ -265,7 +265,8 @@ class ModelManager:
     async def acquire(self, name: str | None, keep_alive: Any = None, need: str | None = "completion") -> _Slot:
         """The loaded model for `name`, held by this request (released when its response is sent).
 
-        `need`: the capability the route uses ("completion" or "embedding"); a model without it is a 400."""
+        `need`: the capability the route uses ("completion" or "embedding"); a model without it is a 400
+        (CAPABILITIES)."""
         keep = parse_keep_alive(keep_alive)
         slot = await self._slot_for(name)
         slot.active += 1
@@ -283,7 +284,7 @@ class ModelManager:
             raise
         if keep is not None:
             slot.keep_alive = keep
-        if need is not None and slot.kind != need:
+        if need is not None and need not in CAPABILITIES[slot.kind]:
             what = "generate" if need == "completion" else "embeddings"
             raise bad_request(f'"{name or slot.key}" does not support {what}: it is {_kind_phrase(slot.kind)}', "model")
         return slot
@@ -429,6 +430,11 @@ class ModelManager:
 
     def used_bytes(self) -> int:
         return sum(s.size for s in self._slots)
+
+
+# What each kind of model serves: a text-generation model also embeds (its last token's final hidden state, as
+# Ollama's /api/embed allows for any model: engine/hidden_states.py); an embedding model only embeds.
+CAPABILITIES = {"completion": ("completion", "embedding"), "embedding": ("embedding",)}
 
 
 def _kind_phrase(kind: str) -> str:

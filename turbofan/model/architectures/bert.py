@@ -1,12 +1,15 @@
-"""BERT-family encoders (all-MiniLM, bge, e5): bidirectional attention over a padded batch, for embeddings.
+"""BERT-family encoders (all-MiniLM, bge, e5): bidirectional attention over packed texts, for embeddings.
 
-Not a CausalLM: no KV cache, no sampling. The whole batch runs in one forward; padding is masked out of the
-attention and of the pooling. Weights are read from safetensors under transformers' names (with or without the
-`bert.` prefix that *ForMaskedLM checkpoints carry); the fused q/k/v projection is one matmul per layer.
+Not a CausalLM: no KV cache, no sampling. A batch is *packed*: every text's tokens laid end to end, no padding,
+so the matmuls (most of the time) compute real tokens only; attention runs once per run of equal-length texts
+(the engine sorts by length, so a batch of short texts has a handful of runs). Weights are read from safetensors
+under transformers' names (with or without the `bert.` prefix that *ForMaskedLM checkpoints carry); the fused
+q/k/v projection is one matmul per layer. The layers may be cast to bfloat16 (see engine/embedding.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +53,34 @@ class BertArgs:
         )
 
 
+@dataclass(frozen=True)
+class Packed:
+    """Texts laid out flat without padding, and where the runs of equal length are (attention's batches)."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long: 0.. within each text
+    lengths: tuple[int, ...]  # tokens per text, in layout order
+    runs: tuple[tuple[int, int, int], ...]  # (first token, texts, length) per run of equal-length neighbours
+
+    @classmethod
+    def build(cls, rows: Sequence[Sequence[int]]) -> Packed:
+        lengths = tuple(len(r) for r in rows)
+        runs, start, i = [], 0, 0
+        while i < len(lengths):
+            j = i
+            while j < len(lengths) and lengths[j] == lengths[i]:
+                j += 1
+            runs.append((start, j - i, lengths[i]))
+            start += (j - i) * lengths[i]
+            i = j
+        return cls(
+            input_ids=torch.tensor([t for r in rows for t in r], dtype=torch.long),
+            positions=torch.cat([torch.arange(n) for n in lengths]),
+            lengths=lengths,
+            runs=tuple(runs),
+        )
+
+
 class BertLayer(nn.Module):
     def __init__(self, a: BertArgs):
         super().__init__()
@@ -63,11 +94,18 @@ class BertLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(h, eps=a.layer_norm_eps)
         self.approximate = "none" if a.hidden_act == "gelu" else "tanh"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        b, t, h = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = self.attn_norm(x + self.out(attn.transpose(1, 2).reshape(b, t, h)))
+    def attention(self, qkv: torch.Tensor, runs: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+        """Bidirectional attention within each text: one unmasked SDPA per run of equal-length texts."""
+        h = qkv.shape[1] // 3
+        parts = []
+        for start, n, length in runs:
+            rows = qkv[start : start + n * length].view(n, length, 3, self.heads, h // self.heads)
+            q, k, v = rows.permute(2, 0, 3, 1, 4)
+            parts.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n * length, h))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def forward(self, x: torch.Tensor, runs: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+        x = self.attn_norm(x + self.out(self.attention(self.qkv(x), runs)))
         return self.mlp_norm(x + self.down(F.gelu(self.up(x), approximate=self.approximate)))
 
 
@@ -81,16 +119,15 @@ class BertEncoder(nn.Module):
         self.embed_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(a) for _ in range(a.num_layers))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token states [batch, tokens, hidden] for right-padded `input_ids` (attention_mask 1 = a real token)."""
-        t = input_ids.shape[1]
-        x = self.word(input_ids) + self.position.weight[:t] + self.token_type.weight[0]
-        x = self.embed_norm(x)
-        # No mask when nothing is padded: SDPA then takes its fastest path.
-        mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
+    def forward(self, batch: Packed) -> torch.Tensor:
+        """Float32 token states [T, hidden] of a packed batch (the layers run in their own dtype)."""
+        x = self.embed_norm(
+            self.word(batch.input_ids) + self.position(batch.positions) + self.token_type.weight[0]
+        )
+        x = x.to(self.layers[0].qkv.weight.dtype) if len(self.layers) else x
         for layer in self.layers:
-            x = layer(x, mask)
-        return x
+            x = layer(x, batch.runs)
+        return x.float()
 
 
 _LAYER_NAMES = {
