@@ -145,6 +145,63 @@ def test_engine_forks_reject_and_free_without_leaks(make_llm):
     assert llm.engine.grammars.compiled_total == 1  # compiled once for six sequences
 
 
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "pet": {"enum": ["cat", "dog", "parrot"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "pet", "age"],
+    "additionalProperties": False,
+}
+JUMP_CONFIGS = {
+    "default": {},
+    "budget_cuts_drafts": {"max_num_batched_tokens": 5},  # forced runs dropped or cut: matchers roll back
+    "preemption": {"num_kv_blocks": 24, "block_size": 4},
+    "with_ngram_speculation": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                                      "prompt_lookup_max": 2, "adaptive": False}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(JUMP_CONFIGS))
+def test_jump_forward_emits_forced_runs_in_one_step_with_unchanged_output(name, make_llm):
+    """Offline, tiny random model: a grammar's forced tokens (keys, punctuation, the rest of an enum value) are
+    scored as drafts of one step. Greedy output is token for token the one-token-a-step output (so the forced
+    rows' KV and the mask of the row after a run are right), in fewer steps; sampled forks stay valid."""
+    from turbofan import SamplingParams
+    from turbofan.engine.constraints import StructuredOutput
+
+    llm = make_llm("llama", **JUMP_CONFIGS[name])
+    engine = llm.engine
+    spec = StructuredOutput.json_schema(PERSON)
+    prompts = ["hello there", "a b c", "zzz", "the cat sat on the mat"]
+    greedy = SamplingParams(temperature=0, max_tokens=40, structured=spec)
+    runs = {}
+    for max_forced in (0, 16):
+        engine.jump_forward.max_forced = max_forced
+        steps, forced = engine.steps_total, engine.jump_forward.num_forced_tokens
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        runs[max_forced] = ([o.outputs[0].token_ids for o in outs], engine.steps_total - steps,
+                            engine.jump_forward.num_forced_tokens - forced)  # fmt: skip
+        for o in outs:
+            if o.outputs[0].finish_reason == "stop":
+                json.loads(o.outputs[0].text)
+    (plain, plain_steps, plain_forced), (jumped, jumped_steps, jumped_forced) = runs[0], runs[16]
+    assert plain_forced == 0 and jumped_forced > 20, runs
+    assert jumped == plain
+    room = 1.0 if name == "budget_cuts_drafts" else 0.8  # 5 tokens a step for 4 sequences: most runs are cut
+    assert jumped_steps < plain_steps * room, (jumped_steps, plain_steps)
+    sampled = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=60, structured=spec)
+    for o in llm.generate(prompts[:2], sampled, use_tqdm=False):
+        for c in o.outputs:
+            if c.finish_reason == "stop":
+                person = json.loads(c.text)
+                assert person["pet"] in ("cat", "dog", "parrot") and 0 <= person["age"] <= 99, c.text
+            else:  # cut by max_tokens: still a prefix the grammar allows
+                assert c.text.startswith('{"name": "'), c.text
+
+
 # == OpenAI: response_format and structured_outputs =============================================================
 @needs_model
 def test_parse_returns_a_pydantic_object(oai):
@@ -372,3 +429,11 @@ def test_ollama_tools_with_a_python_function_and_tool_results(ol, smol):
         ol.chat(model=MODEL, messages=messages[:1], tools=[get_weather], options={"tool_choice": "nope"})
     show = ol.show(MODEL)
     assert "tools" not in (show.capabilities or [])  # SmolLM2's template has no tools; the fallback is ours
+
+
+@needs_model
+def test_ollama_think_is_refused_without_a_reasoning_parser(smol):
+    r = httpx.post(smol.url + "/api/chat", json={"model": MODEL, "messages": ASK, "think": True}, timeout=60)
+    assert r.status_code == 400 and "does not support thinking" in r.json()["error"], r.text
+    r = httpx.post(smol.url + "/api/generate", json={"model": MODEL, "prompt": "hi", "think": True}, timeout=60)
+    assert r.status_code == 400 and "--reasoning-parser" in r.json()["error"], r.text
