@@ -74,10 +74,11 @@ class ReasoningStream:
         self.thinking = True
         self._held = ""
         self._at_start = True  # a start tag is dropped only as the very first text
+        self._answered = False  # the newlines between </think> and the answer are dropped
 
     def feed(self, text: str) -> tuple[str, str]:
         if not self.thinking:
-            return "", text
+            return "", self._answer(text)
         buf = self._held + text
         self._held = ""
         if self._at_start:
@@ -93,10 +94,16 @@ class ReasoningStream:
         i = buf.find(end)
         if i >= 0:
             self.thinking = False
-            return buf[:i], buf[i + len(end) :].lstrip("\n")
+            return buf[:i], self._answer(buf[i + len(end) :])
         keep = _partial_suffix(buf, end)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], ""
+
+    def _answer(self, text: str) -> str:
+        if not self._answered:
+            text = text.lstrip("\n")
+            self._answered = bool(text)
+        return text
 
     def finish(self) -> tuple[str, str]:
         """What is held back, at the end of the output (reasoning: the end tag never came)."""
