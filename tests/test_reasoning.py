@@ -48,7 +48,8 @@ def test_stream_split_one_character_at_a_time_equals_whole_split():
 def thinker(tmp_path_factory):
     root = tmp_path_factory.mktemp("reasoning")
     model = build_tiny_model(root / "qwen3-think", "qwen3", think=True)
-    srv = launch(model, root / "server.log", "--reasoning-parser", "deepseek_r1", "--max-model-len", "512")
+    srv = launch(model, root / "server.log", "--reasoning-parser", "deepseek_r1", "--max-model-len", "512",
+                 "--served-model-name", "m")  # fmt: skip
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
