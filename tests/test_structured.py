@@ -130,6 +130,20 @@ def test_hermes_text_without_calls_and_broken_calls_stay_content():
     assert calls == [] and content == broken
 
 
+def test_hermes_bare_call_without_tags_is_a_call_only_when_whole():
+    """Qwen2.5-Coder-0.5B answers `auto` with the call object alone, no <tool_call> tags: held, then parsed."""
+    parser = HermesParser()
+    bare = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+    content, calls = parser.parse(bare)
+    assert content == "" and [(c.name, json.loads(c.arguments)["city"]) for c in calls] == [("get_weather", "Paris")]
+    stream = parser.stream()
+    events = [e for ch in bare for e in stream.feed(ch)]
+    assert events == []  # nothing goes out while it may still be a call
+    assert [e.kind for e in stream.finish()] == ["call", "arguments"]
+    assert parser.parse('{"city": "Paris"}') == ('{"city": "Paris"}', [])  # JSON, but not a call
+    assert parser.parse('{"name": "x", "arguments": {}} and more')[1] == []
+
+
 def test_engine_forks_reject_and_free_without_leaks(make_llm):
     """Offline, tiny random model: n > 1 forks each follow the grammar, a bad spec fails alone, no KV leak."""
     from turbofan import SamplingParams
