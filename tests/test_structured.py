@@ -70,7 +70,7 @@ def _in_store() -> bool:
     from turbofan.store import ModelStore
 
     try:
-        ModelStore(STORE).resolve(MODEL)
+        ModelStore(STORE).resolve(MODEL, pull_missing=False)  # a check, never a 3 GB download
         return True
     except Exception:
         return False
