@@ -70,7 +70,7 @@ def _in_store() -> bool:
     from turbofan.store import ModelStore
 
     try:
-        ModelStore(STORE).resolve(MODEL)
+        ModelStore(STORE).resolve(MODEL, pull_missing=False)  # a check, never a 3 GB download
         return True
     except Exception:
         return False
@@ -130,6 +130,20 @@ def test_hermes_text_without_calls_and_broken_calls_stay_content():
     assert calls == [] and content == broken
 
 
+def test_hermes_bare_call_without_tags_is_a_call_only_when_whole():
+    """Qwen2.5-Coder-0.5B answers `auto` with the call object alone, no <tool_call> tags: held, then parsed."""
+    parser = HermesParser()
+    bare = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+    content, calls = parser.parse(bare)
+    assert content == "" and [(c.name, json.loads(c.arguments)["city"]) for c in calls] == [("get_weather", "Paris")]
+    stream = parser.stream()
+    events = [e for ch in bare for e in stream.feed(ch)]
+    assert events == []  # nothing goes out while it may still be a call
+    assert [e.kind for e in stream.finish()] == ["call", "arguments"]
+    assert parser.parse('{"city": "Paris"}') == ('{"city": "Paris"}', [])  # JSON, but not a call
+    assert parser.parse('{"name": "x", "arguments": {}} and more')[1] == []
+
+
 def test_engine_forks_reject_and_free_without_leaks(make_llm):
     """Offline, tiny random model: n > 1 forks each follow the grammar, a bad spec fails alone, no KV leak."""
     from turbofan import SamplingParams
@@ -143,6 +157,63 @@ def test_engine_forks_reject_and_free_without_leaks(make_llm):
     with pytest.raises(ValueError, match="invalid JSON schema"):
         llm.generate(["hello"], SamplingParams(structured=StructuredOutput("json", '{"type": "nope"}')))
     assert llm.engine.grammars.compiled_total == 1  # compiled once for six sequences
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "pet": {"enum": ["cat", "dog", "parrot"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "pet", "age"],
+    "additionalProperties": False,
+}
+JUMP_CONFIGS = {
+    "default": {},
+    "budget_cuts_drafts": {"max_num_batched_tokens": 5},  # forced runs dropped or cut: matchers roll back
+    "preemption": {"num_kv_blocks": 24, "block_size": 4},
+    "with_ngram_speculation": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                                      "prompt_lookup_max": 2, "adaptive": False}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(JUMP_CONFIGS))
+def test_jump_forward_emits_forced_runs_in_one_step_with_unchanged_output(name, make_llm):
+    """Offline, tiny random model: a grammar's forced tokens (keys, punctuation, the rest of an enum value) are
+    scored as drafts of one step. Greedy output is token for token the one-token-a-step output (so the forced
+    rows' KV and the mask of the row after a run are right), in fewer steps; sampled forks stay valid."""
+    from turbofan import SamplingParams
+    from turbofan.engine.constraints import StructuredOutput
+
+    llm = make_llm("llama", **JUMP_CONFIGS[name])
+    engine = llm.engine
+    spec = StructuredOutput.json_schema(PERSON)
+    prompts = ["hello there", "a b c", "zzz", "the cat sat on the mat"]
+    greedy = SamplingParams(temperature=0, max_tokens=40, structured=spec)
+    runs = {}
+    for max_forced in (0, 16):
+        engine.jump_forward.max_forced = max_forced
+        steps, forced = engine.steps_total, engine.jump_forward.num_forced_tokens
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        runs[max_forced] = ([o.outputs[0].token_ids for o in outs], engine.steps_total - steps,
+                            engine.jump_forward.num_forced_tokens - forced)  # fmt: skip
+        for o in outs:
+            if o.outputs[0].finish_reason == "stop":
+                json.loads(o.outputs[0].text)
+    (plain, plain_steps, plain_forced), (jumped, jumped_steps, jumped_forced) = runs[0], runs[16]
+    assert plain_forced == 0 and jumped_forced > 20, runs
+    assert jumped == plain
+    room = 1.0 if name == "budget_cuts_drafts" else 0.8  # 5 tokens a step for 4 sequences: most runs are cut
+    assert jumped_steps < plain_steps * room, (jumped_steps, plain_steps)
+    sampled = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=60, structured=spec)
+    for o in llm.generate(prompts[:2], sampled, use_tqdm=False):
+        for c in o.outputs:
+            if c.finish_reason == "stop":
+                person = json.loads(c.text)
+                assert person["pet"] in ("cat", "dog", "parrot") and 0 <= person["age"] <= 99, c.text
+            else:  # cut by max_tokens: still a prefix the grammar allows
+                assert c.text.startswith('{"name": "'), c.text
 
 
 # == OpenAI: response_format and structured_outputs =============================================================
@@ -173,11 +244,14 @@ def test_enum_and_integer_bounds_hold_at_temperature_one_over_many_seeds(oai):
     assert len({(p.species, p.age, p.name) for p in pets}) > 3  # sampled, not one forced answer
 
 
+CLOSED_PET = {**Pet.model_json_schema(), "additionalProperties": False}  # else extra keys may run past max_tokens
+
+
 @needs_model
 def test_streamed_json_schema_concatenates_to_valid_json(oai):
     stream = oai.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Tell me about dogs."}], stream=True, temperature=1.0,
-        seed=3, max_tokens=60, response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": Pet.model_json_schema()}},
+        seed=3, max_tokens=60, response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": CLOSED_PET}},
     )  # fmt: skip
     pieces, finish = [], None
     for chunk in stream:
@@ -372,3 +446,11 @@ def test_ollama_tools_with_a_python_function_and_tool_results(ol, smol):
         ol.chat(model=MODEL, messages=messages[:1], tools=[get_weather], options={"tool_choice": "nope"})
     show = ol.show(MODEL)
     assert "tools" not in (show.capabilities or [])  # SmolLM2's template has no tools; the fallback is ours
+
+
+@needs_model
+def test_ollama_think_is_refused_without_a_reasoning_parser(smol):
+    r = httpx.post(smol.url + "/api/chat", json={"model": MODEL, "messages": ASK, "think": True}, timeout=60)
+    assert r.status_code == 400 and "does not support thinking" in r.json()["error"], r.text
+    r = httpx.post(smol.url + "/api/generate", json={"model": MODEL, "prompt": "hi", "think": True}, timeout=60)
+    assert r.status_code == 400 and "--reasoning-parser" in r.json()["error"], r.text

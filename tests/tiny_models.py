@@ -21,14 +21,29 @@ CORPUS = [
 ]
 
 
-def write_tokenizer(path: Path, vocab_size: int = 400) -> int:
+# A reasoning model's template (Qwen3's shape): the answer starts inside an open <think> block, or after an empty
+# one when the request turns thinking off.
+THINK_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<|im_start|>assistant\n{% endif %}",
+    "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}",
+)
+
+
+def write_tokenizer(path: Path, vocab_size: int = 400, think: bool = False) -> int:
+    """`think`: <think> and </think> are tokens of their own, kept in decoded text (not special: Qwen3's)."""
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(
-        CORPUS * 20, vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    )
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<think>", "</think>"] if think else [])
+    tok.train_from_iterator(CORPUS * 20, vocab_size=vocab_size, special_tokens=special)
     tok.save(str(path / "tokenizer.json"))
+    if think:
+        data = json.loads((path / "tokenizer.json").read_text())
+        for added in data["added_tokens"]:
+            if added["content"] in ("<think>", "</think>"):
+                added["special"] = False
+        (path / "tokenizer.json").write_text(json.dumps(data))
     (path / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -36,7 +51,7 @@ def write_tokenizer(path: Path, vocab_size: int = 400) -> int:
                 "eos_token": "<|im_end|>",
                 "bos_token": None,
                 "pad_token": "<|endoftext|>",
-                "chat_template": CHAT_TEMPLATE,
+                "chat_template": THINK_TEMPLATE if think else CHAT_TEMPLATE,
                 "clean_up_tokenization_spaces": False,
             }
         )
@@ -77,14 +92,15 @@ def hf_config(arch: str, vocab: int, eos: int, hidden: int = 64, layers: int = 3
 
 
 def build_tiny_model(
-    path: Path, arch: str, seed: int = 0, hidden: int = 64, layers: int = 3, vocab_size: int = 400
+    path: Path, arch: str, seed: int = 0, hidden: int = 64, layers: int = 3, vocab_size: int = 400, think: bool = False
 ) -> Path:
     """Random weights saved as safetensors with a real (tiny) BPE tokenizer and a chat template. Models built with
-    the same `vocab_size` share one tokenizer (the BPE training is deterministic): a smaller one can be a draft."""
+    the same `vocab_size` share one tokenizer (the BPE training is deterministic): a smaller one can be a draft.
+    `think`: a reasoning model's tokens and template."""
     import transformers as tf
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = write_tokenizer(path, vocab_size)
+    vocab = write_tokenizer(path, vocab_size, think=think)
     eos = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"].get("<|im_end|>", 2)
     torch.manual_seed(seed)
     config = hf_config(arch, vocab, eos, hidden, layers)

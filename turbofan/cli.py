@@ -74,6 +74,13 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)  # tests: force a tiny cache
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     p.add_argument("--tool-call-parser", default=None, help="format of tool calls in the output: hermes (default)")
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=["deepseek_r1", "qwen3"],
+        help="the model thinks in <think>...</think> first: that goes to reasoning_content / thinking, and "
+        "structured output and tool constraints apply after it",
+    )
     p.add_argument("--tiering", choices=["off", "on"], default="off", help="compile hot shapes in the background")
     p.add_argument("--tier-threshold", type=int, default=32, help="calls before a shape is compiled")
     p.add_argument("--profile", action="store_true", help="count calls and time per component method")
@@ -275,6 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stats_interval=args.stats_interval,
         models_dir=config.models_dir,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         debug_endpoints=args.enable_debug_endpoints,
         max_request_bytes=args.max_request_bytes,
         body_timeout=args.body_timeout,

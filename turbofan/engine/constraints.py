@@ -63,22 +63,58 @@ class StructuredOutput:
 
 
 class Constraint:
-    """One sequence's matcher: the grammar state after the tokens it has produced."""
+    """One sequence's matcher: the grammar state after the tokens it has produced, plus `ahead` forced tokens it
+    was fed before the step that verifies them (jump-forward: see `force`)."""
 
-    __slots__ = ("matcher",)
+    __slots__ = ("matcher", "ahead", "after")
 
-    def __init__(self, matcher) -> None:
+    def __init__(self, matcher, after: int | None = None) -> None:
         self.matcher = matcher
+        self.ahead = 0
+        self.after = after  # a reasoning model's end-of-thinking token: the grammar starts after it
+
+    @property
+    def active(self) -> bool:
+        """Whether the grammar constrains the next token (not while the model is still reasoning)."""
+        return self.after is None
 
     def accept(self, token: int) -> bool:
-        """Advance by a sampled token; True when the grammar is complete (or broken) and the sequence should end."""
+        """Advance by a sampled token; True when the grammar is complete (or broken) and the sequence should end.
+        A token consumed ahead by `force` is only counted off (the step emits exactly the forced tokens); while
+        reasoning, only the end-of-thinking token matters (it starts the grammar and is not fed to it)."""
+        if self.after is not None:
+            if token == self.after:
+                self.after = None
+            return False
+        if self.ahead:
+            self.ahead -= 1
+            return not self.ahead and self.matcher.is_stopped()
         if not self.matcher.consume_token(token):
             log.warning("grammar rejected token %d: %s", token, self.matcher.get_error())
             return True
         return self.matcher.is_stopped()
 
+    def force(self, limit: int) -> list[int]:
+        """The tokens the grammar forces next (at most `limit`: keys, punctuation, the rest of an enum value), fed
+        to the matcher now, so this step's bitmask is the one after them. They become drafts of the step that
+        are certain to be accepted; `settle` takes back those the scheduler did not run."""
+        if limit <= 0 or self.ahead or not self.active or self.matcher.is_stopped():
+            return []
+        forced = self.matcher.compute_ff_tokens()[:limit]
+        if forced and self.matcher.consume_tokens(forced):
+            self.ahead = len(forced)
+            return forced
+        return []
+
+    def settle(self, kept: int) -> None:
+        """Keep only the first `kept` tokens fed by `force` (the scheduler dropped or shortened the drafts)."""
+        extra = self.ahead - kept
+        if extra > 0:
+            self.matcher.rollback(extra)
+            self.ahead = kept
+
     def fork(self) -> Constraint:
-        return Constraint(self.matcher.deep_copy())
+        return Constraint(self.matcher.deep_copy(), self.after)
 
 
 class GrammarCompiler:
@@ -130,13 +166,15 @@ class GrammarCompiler:
             self._cache.popitem(last=False)
         return grammar
 
-    def constraint(self, spec: StructuredOutput) -> Constraint:
+    def constraint(self, spec: StructuredOutput, after: int | None = None) -> Constraint:
+        """A matcher for one sequence; `after`: a token that must come first (a reasoning model's end of
+        thinking), before which the sequence is not constrained."""
         from llguidance import LLMatcher
 
         matcher = LLMatcher(self.tokenizer, self.compile(spec), log_level=0)
         if matcher.is_error():
             raise ValueError(f"invalid {_describe(spec.kind)}: {matcher.get_error()}")
-        return Constraint(matcher)
+        return Constraint(matcher, after)
 
 
 def _describe(kind: str) -> str:

@@ -24,6 +24,7 @@ from turbofan.engine.client import ModelInfo
 from turbofan.engine.constraints import GrammarCompiler
 from turbofan.engine.errors import RequestFailedError
 from turbofan.engine.input_batch import InputBatch
+from turbofan.engine.jump_forward import JumpForward
 from turbofan.engine.output_processor import OutputProcessor
 from turbofan.engine.outputs import RequestDelta, RequestOutput
 from turbofan.engine.params import SamplingParams
@@ -103,6 +104,7 @@ class Engine:
         self.speculator = speculator
         if speculator is not None:
             scheduler.release_listeners.append(speculator.release)
+        self.jump_forward = JumpForward(self.max_model_len)
 
     # -- requests -----------------------------------------------------------------------------------------------
     @property
@@ -154,7 +156,7 @@ class Engine:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         request = Request(request_id, text, ids, params, arrival_time)
         if params.structured is not None:  # compiled here, so a bad grammar fails this request alone
-            request.seqs[0].constraint = self.grammars.constraint(params.structured)
+            request.seqs[0].constraint = self.grammars.constraint(params.structured, params.reasoning_end_token_id)
         self.scheduler.add_request(request)
         return request
 
@@ -174,7 +176,9 @@ class Engine:
         spec = self.speculator
         if spec is not None:
             spec.propose(self.scheduler.running)
+        forced = self.jump_forward.propose(self.scheduler.running)  # a grammar's forced tokens, as certain drafts
         sched = self.scheduler.schedule()
+        self.jump_forward.settle(forced, sched.drafts)
         try:
             batch = self.input_batch.prepare(sched)
             if batch is None:  # nothing to run; sequences the cache could not hold still get their last delta
@@ -188,6 +192,7 @@ class Engine:
             failed = exc if isinstance(exc, RequestFailedError) else None
             ids = failed.request_ids if failed else list(dict.fromkeys(s.request.request_id for s, _ in sched.scheduled))
             log.error("a step failed; ending %d request(s): %s", len(ids), exc, exc_info=failed is None)
+            self.jump_forward.settle(forced, None)  # the step's forced tokens are not emitted
             for rid in ids:
                 self.abort_request(rid)
             raise failed or RequestFailedError(ids, exc) from exc

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from turbofan.engine.jump_forward import forced_rows
 from turbofan.engine.scheduler import PromptLogprobRows, SchedulerOutput
 from turbofan.engine.sequence import Sequence
 from turbofan.model.batch import ForwardBatch
@@ -53,6 +54,10 @@ class SamplingBatch:
     banned: list[tuple[int, bool, list[int]]] = field(default_factory=list)
     processor_rows: list[int] = field(default_factory=list)  # rows with their own logits processors
     constrained_rows: list[int] = field(default_factory=list)  # rows whose sequence follows a grammar
+    # a grammar's forced drafts (jump_forward.py): {position in the step's sample list: token}; those positions are
+    # not rows of this batch, and `positions` says where each row of the batch goes among them
+    forced: dict[int, int] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)  # rows of the full step's logits
 
     @property
@@ -191,7 +196,8 @@ class InputBatch:
         for seq, _ in sched.sample:
             if seq.slot is None:  # a fork, sampling for the first time
                 self.add(seq)
-        return StepBatch(self._forward(sched), self.sampling_batch(sched.sample, sched.prompt_logprobs))
+        sampling = self.sampling_batch(sched.sample, sched.prompt_logprobs, forced_rows(sched.sample, sched.drafts))
+        return StepBatch(self._forward(sched), sampling)
 
     def _sync_blocks(self, seq: Sequence) -> None:
         table = seq.block_table
@@ -261,11 +267,20 @@ class InputBatch:
         )
 
     def sampling_batch(
-        self, sample: list[tuple[Sequence, int]], prompt_logprobs: list[PromptLogprobRows] = ()
+        self,
+        sample: list[tuple[Sequence, int]],
+        prompt_logprobs: list[PromptLogprobRows] = (),
+        forced: dict[int, int] | None = None,
     ) -> SamplingBatch:
-        """The sampler's view of (sequence, logits row) pairs; every sequence must hold a slot."""
+        """The sampler's view of (sequence, logits row) pairs; every sequence must hold a slot. `forced`: positions
+        of `sample` whose token is already known (a grammar's forced drafts), left out of the rows sampled."""
+        positions: list[int] = []
+        if forced:
+            positions = [i for i in range(len(sample)) if i not in forced]
+            sample = [sample[i] for i in positions]
         seqs = [s for s, _ in sample]
         batch = SamplingBatch(seqs, [r for _, r in sample], prompt_logprobs=list(prompt_logprobs))
+        batch.forced, batch.positions = forced or {}, positions
         if not seqs:
             return batch
         slots = [s.slot for s in seqs]
@@ -295,7 +310,7 @@ class InputBatch:
                 batch.banned.append((i, not p.ignore_eos, p.stop_token_ids))
             if p.logits_processors:
                 batch.processor_rows.append(i)
-            if seq.constraint is not None:
+            if seq.constraint is not None and seq.constraint.active:
                 batch.constrained_rows.append(i)
         return batch
 

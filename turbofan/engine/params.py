@@ -43,6 +43,8 @@ class SamplingParams:
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     # constrained decoding: the output must match this JSON schema / regex / choice / grammar (engine/constraints.py)
     structured: StructuredOutput | None = None
+    # a reasoning model's end-of-thinking token (`</think>`): `structured` applies only to the tokens after it
+    reasoning_end_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -89,6 +89,8 @@ class Sampler:
         out = SamplerOutput(tokens=tokens.tolist(), prompt_logprobs=prompt_lp)
         if raw is not None:
             self._logprobs(raw, tokens[batch.logprob_rows], batch, out)
+        if batch.forced:
+            _merge_forced(out, batch)
         return out
 
     def _processors(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
@@ -155,6 +157,18 @@ class Sampler:
 def _constraints(batch: SamplingBatch) -> list:
     """The grammar matchers of the batch's constrained rows, in row order."""
     return [batch.seqs[i].constraint for i in batch.constrained_rows]
+
+
+def _merge_forced(out: SamplerOutput, batch: SamplingBatch) -> None:
+    """Put the forced tokens between the sampled ones, so the output has one token per row of the step's sample
+    list (the batch's row j is its position `batch.positions[j]`)."""
+    tokens = [0] * (len(batch.positions) + len(batch.forced))
+    for position, token in zip(batch.positions, out.tokens):
+        tokens[position] = token
+    for position, token in batch.forced.items():
+        tokens[position] = token
+    out.tokens = tokens
+    out.logprob_rows = [batch.positions[r] for r in out.logprob_rows]
 
 
 def _penalise(logits: torch.Tensor, p: Penalties) -> None:

@@ -125,6 +125,24 @@ def ngram_propose(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> list[in
     return []
 
 
+def draft_room(seq: Sequence, max_model_len: int, k_max: int) -> int:
+    """How many draft tokens a decoding sequence may have verified this step, at most k_max (0: none). Penalties,
+    logits processors and min_tokens see the tokens before each position, so such a sequence samples one row a
+    step; the drafts plus the token after them must fit max_tokens and the context."""
+    if seq.num_tokens - seq.num_computed_tokens != 1:  # prefilling
+        return 0
+    if not seq.request.forked:  # the prompt's last token (a chunked prefill): that step forks an n > 1 request,
+        return 0  # and its forks share the prompt's KV only, not drafts scored after it
+    p = seq.request.params
+    if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logits_processors:
+        return 0
+    num_out = seq.num_tokens - seq.request.num_prompt_tokens
+    if num_out < p.min_tokens:
+        return 0
+    room = min(p.max_tokens - num_out, max_model_len - seq.num_tokens) - 1  # the bonus token fits too
+    return max(0, min(k_max, room))
+
+
 class NgramProposer:
     """Prompt lookup over the sequence's own tokens (prompt and output); no model."""
 
@@ -246,18 +264,9 @@ class Speculator:
     # -- before the step --------------------------------------------------------------------------------------------
     def _eligible(self, seq: Sequence) -> int:
         """How many drafts the sequence may take at most (0: it does not speculate this step)."""
-        if seq.num_tokens - seq.num_computed_tokens != 1:  # prefilling
+        if seq.constraint is not None:  # its drafts are its grammar's forced tokens (engine/jump_forward.py)
             return 0
-        p = seq.request.params
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logits_processors:
-            return 0  # penalties and processors see the tokens before each position: one row per step only
-        if p.structured is not None:  # a grammar's state (and so its bitmask) advances per token
-            return 0
-        num_out = seq.num_tokens - seq.request.num_prompt_tokens
-        if num_out < p.min_tokens:
-            return 0
-        room = min(p.max_tokens - num_out, self.max_model_len - seq.num_tokens) - 1  # the bonus token fits too
-        return max(0, min(self.config.num_speculative_tokens, room))
+        return draft_room(seq, self.max_model_len, self.config.num_speculative_tokens)
 
     def _proposal_cost(self, batch: int) -> float:
         """Seconds one draft token of one sequence costs the proposer at this batch size (0 without a model)."""
@@ -337,6 +346,10 @@ class Speculator:
         while i < len(sched.sample):
             seq = sched.sample[i][0]
             drafts = sched.drafts.get(seq.seq_id)
+            if drafts and seq.constraint is not None:  # forced tokens: the sampler emitted exactly them
+                keep.extend(range(i, i + len(drafts) + 1))
+                i += len(drafts) + 1
+                continue
             if not drafts:
                 keep.append(i)
                 i += 1

@@ -24,6 +24,7 @@ from turbofan.model.footprint import is_encoder
 from turbofan.server import gotemplate
 from turbofan.server.errors import APIError, bad_request
 from turbofan.server.manager import parse_keep_alive
+from turbofan.server.reasoning import ReasoningParser, end_token_for
 from turbofan.server.serving import (
     Generation,
     ServerContext,
@@ -146,8 +147,9 @@ def _number(options: dict, key: str, kind: type) -> Any:
 
 
 def sampling_from_options(
-    options: dict[str, Any] | None, prompt_len: int, max_model_len: int, logprobs: int | None, format_: Any = None
-) -> SamplingParams:
+    options: dict[str, Any] | None, prompt_len: int, max_model_len: int, logprobs: int | None, format_: Any = None,
+    reasoning_end_token_id: int | None = None,
+) -> SamplingParams:  # fmt: skip
     opts = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if v is not None}}
     ints = ("num_predict", "num_ctx", "top_k", "repeat_last_n", "seed")
     floats = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
@@ -183,6 +185,7 @@ def sampling_from_options(
         max_tokens=max_tokens,
         logprobs=logprobs,
         structured=ollama_structured(format_),
+        reasoning_end_token_id=reasoning_end_token_id,
     )
 
 
@@ -214,15 +217,29 @@ def _logprobs_k(logprobs: bool | None, top: int | None) -> int | None:
     return top or 0
 
 
-def _unsupported(images: list | None, think: Any) -> None:
+def _unsupported(images: list | None) -> None:
     if images:
         raise bad_request("this model does not support images")
-    if think not in (None, False):
-        raise bad_request("this model does not support thinking")
+
+
+def _thinking(ctx: ServerContext, model: str | None, think: Any) -> ReasoningParser | None:
+    """The reasoning parser when this request thinks: `think` true, or left out, on a server started with
+    --reasoning-parser; false turns it off (the template renders with enable_thinking=False)."""
+    if think not in (None, True, False):
+        raise bad_request(f"think must be true or false, got {json.dumps(think)}")
+    parser = ctx.reasoning_parser
+    if think and parser is None:
+        raise bad_request(f'"{model}" does not support thinking (start turbofan serve with --reasoning-parser)')
+    return parser if think is not False else None
+
+
+def _think_kwargs(ctx: ServerContext, think: Any) -> dict:
+    """Chat template arguments: a reasoning model asked not to think renders with enable_thinking=False."""
+    return {"enable_thinking": False} if think is False and ctx.reasoning_parser is not None else {}
 
 
 # -- prompts ------------------------------------------------------------------------------------------------------
-def generate_prompt(body: GenerateRequest, client, chat_template: str | None) -> list[int]:
+def generate_prompt(body: GenerateRequest, client, chat_template: str | None, **template_kwargs) -> list[int]:
     tok = client.tokenizer
     prompt = body.prompt or ""
     if body.raw:
@@ -237,7 +254,7 @@ def generate_prompt(body: GenerateRequest, client, chat_template: str | None) ->
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
             {"role": "user", "content": prompt}
         ]
-        text, special = _render_chat(client, messages, chat_template), False
+        text, special = _render_chat(client, messages, chat_template, **template_kwargs), False
     else:  # a base model: Ollama's template is then just {{ .System }} {{ .Prompt }}
         text, special = (f"{body.system}\n\n{prompt}" if body.system else prompt), True
     ids = tok.encode(text, add_special_tokens=special)
@@ -327,12 +344,21 @@ def _line(payload: dict) -> str:
     return json.dumps(payload, ensure_ascii=False) + "\n"
 
 
-async def _ndjson(gen: Generation, shape, final, k: int | None, tokenizer, tools=None) -> AsyncIterator[str]:
+async def _ndjson(
+    gen: Generation, shape, final, k: int | None, tokenizer, tools=None, reasoning: ReasoningParser | None = None
+) -> AsyncIterator[str]:
     """Stream: one line per new piece of text (a tool call in one line once it is complete, as Ollama sends
-    it), then the final line with the statistics."""
+    it; thinking in `thinking`), then the final line with the statistics."""
+    thoughts = reasoning.stream() if reasoning is not None else None
     try:
         async for delta in gen:
             text, lps = _text_and_logprobs(delta, k, tokenizer)
+            thinking = ""
+            if thoughts is not None:
+                thinking, text = thoughts.feed(text)
+                if delta.finished:
+                    more_thinking, more_text = thoughts.finish()
+                    thinking, text = thinking + more_thinking, text + more_text
             calls = []
             if tools is not None:
                 done = len(tools.calls) - (1 if tools.in_call else 0)
@@ -340,8 +366,8 @@ async def _ndjson(gen: Generation, shape, final, k: int | None, tokenizer, tools
                 text = "".join(e.text for e in events if e.kind == "content")
                 complete = len(tools.calls) - (1 if tools.in_call else 0)
                 calls = ollama_calls(tools.calls)[done:complete]
-            if text or lps or calls:
-                line = shape(text, lps, False, None)
+            if text or lps or calls or thinking:
+                line = shape(text, lps, False, None, thinking)
                 if calls:
                     line["message"]["tool_calls"] = calls
                 yield _line(line)
@@ -384,20 +410,25 @@ async def generate(body: GenerateRequest, request: Request):
     ctx = ctx_of(request)
     client, waited = await _engine_for(ctx, body.model, body.keep_alive)
     apply_variant(ctx, body)
-    _unsupported(body.images, body.think)
+    _unsupported(body.images)
+    reasoning = _thinking(ctx, body.model, body.think)
     if body.suffix:
         raise bad_request(f'"{body.model}" does not support insert')
     if not body.prompt and not body.context:
         return JSONResponse(_load_response(body.model, body.keep_alive, chat=False))
     k = _logprobs_k(body.logprobs, body.top_logprobs)
-    prompt_ids = await asyncio.to_thread(generate_prompt, body, client, ctx.settings.chat_template)
-    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k, body.format)
+    template_kwargs = _think_kwargs(ctx, body.think)
+    prompt_ids = await asyncio.to_thread(generate_prompt, body, client, ctx.settings.chat_template, **template_kwargs)
+    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k, body.format,
+                                   end_token_for(reasoning, True, client.tokenizer))  # fmt: skip
     request_id = f"ollama-gen-{int(started * 1e6):x}-{id(body):x}"
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.generate"))
     model = body.model
 
-    def shape(text: str, lps, done: bool, extra: dict | None) -> dict:
+    def shape(text: str, lps, done: bool, extra: dict | None, thinking: str = "") -> dict:
         line = {"model": model, "created_at": now_rfc3339(), "response": text, "done": done}
+        if thinking:
+            line["thinking"] = thinking
         if lps is not None:
             line["logprobs"] = lps
         return {**line, **(extra or {})}
@@ -407,10 +438,13 @@ async def generate(body: GenerateRequest, request: Request):
         return shape("", None, True, {**final_stats(out, started, waited), "context": context})
 
     if body.stream:
-        return StreamingResponse(_ndjson(gen, shape, final, k, client.tokenizer), media_type=NDJSON)
+        lines = _ndjson(gen, shape, final, k, client.tokenizer, reasoning=reasoning)
+        return StreamingResponse(lines, media_type=NDJSON)
     out = await unless_disconnected(request, collect(gen))
     text, lps = _whole(out, k, client.tokenizer)
-    return JSONResponse({**final(out), "response": text, **({"logprobs": lps} if lps is not None else {})})
+    thinking, text = reasoning.split(text) if reasoning is not None else ("", text)
+    reply = {**final(out), "response": text, **({"thinking": thinking} if thinking else {})}
+    return JSONResponse({**reply, **({"logprobs": lps} if lps is not None else {})})
 
 
 @router.post("/api/chat")
@@ -420,7 +454,8 @@ async def chat(body: ChatRequest, request: Request):
     client, waited = await _engine_for(ctx, body.model, body.keep_alive)
     apply_variant(ctx, body)
     images = [img for m in body.messages or [] for img in (m.images or [])]
-    _unsupported(images, body.think)
+    _unsupported(images)
+    reasoning = _thinking(ctx, body.model, body.think)
     if not body.messages:
         return JSONResponse(_load_response(body.model, body.keep_alive, chat=True))
     k = _logprobs_k(body.logprobs, body.top_logprobs)
@@ -429,6 +464,7 @@ async def chat(body: ChatRequest, request: Request):
     tools = ToolRequest.parse(body.tools, choice)
     template = chat_template_source(client.tokenizer, ctx.settings.chat_template)
     messages, kwargs = prepare_messages([_chat_message(m) for m in body.messages], tools, template_supports_tools(template))
+    kwargs.update(_think_kwargs(ctx, body.think))
 
     def tokenize_messages() -> list[int]:  # off the event loop, like every tokenization
         text = _render_chat(client, messages, ctx.settings.chat_template, **kwargs)
@@ -441,13 +477,16 @@ async def chat(body: ChatRequest, request: Request):
         if fmt not in (None, ""):
             raise bad_request("a required or named tool_choice cannot be combined with format")
         fmt = parser.grammar(tools)
-    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k, fmt)
+    params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k, fmt,
+                                   end_token_for(reasoning, True, client.tokenizer))  # fmt: skip
     request_id = f"ollama-chat-{int(started * 1e6):x}-{id(body):x}"
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "ollama.chat"))
     model = body.model
 
-    def shape(text: str, lps, done: bool, extra: dict | None) -> dict:
+    def shape(text: str, lps, done: bool, extra: dict | None, thinking: str = "") -> dict:
         line = {"model": model, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": text}}
+        if thinking:
+            line["message"]["thinking"] = thinking
         line["done"] = done
         if lps is not None:
             line["logprobs"] = lps
@@ -457,11 +496,14 @@ async def chat(body: ChatRequest, request: Request):
         return shape("", None, True, final_stats(out, started, waited))
 
     if body.stream:
-        lines = _ndjson(gen, shape, final, k, client.tokenizer, parser.stream() if parser else None)
+        lines = _ndjson(gen, shape, final, k, client.tokenizer, parser.stream() if parser else None, reasoning)
         return StreamingResponse(lines, media_type=NDJSON)
     out = await unless_disconnected(request, collect(gen))
     text, lps = _whole(out, k, client.tokenizer)
+    thinking, text = reasoning.split(text) if reasoning is not None else ("", text)
     reply = final(out)
+    if thinking:
+        reply["message"]["thinking"] = thinking
     if parser is not None:
         text, calls = parser.parse(text)
         if calls:

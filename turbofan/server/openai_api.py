@@ -32,6 +32,7 @@ from turbofan.server.protocol import (
     TokenizeRequest,
     random_id,
 )
+from turbofan.server.reasoning import ReasoningParser, end_token_for, split_delta
 from turbofan.server.serving import (
     Generation,
     ServerContext,
@@ -88,7 +89,7 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
 
 def sampling_params(
     body: SamplingFields, client, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
-    structured=None,
+    structured=None, reasoning_end_token_id: int | None = None,
 ) -> SamplingParams:  # fmt: skip
     if body.best_of is not None and body.best_of != body.n and not body.use_beam_search:
         raise bad_request(
@@ -121,6 +122,7 @@ def sampling_params(
         best_of=body.best_of,
         logit_bias=bias,
         structured=structured if structured is not None else openai_structured(body),
+        reasoning_end_token_id=reasoning_end_token_id,
     )
     if body.repeat_last_n is not None:
         kwargs["repeat_last_n"] = body.repeat_last_n
@@ -285,6 +287,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt_ids = await asyncio.to_thread(tokenize_messages)
     k = (body.top_logprobs or 0) if body.logprobs else None
     parser = ctx.tool_parser if tools is not None else None
+    # a reasoning model thinks unless the request turns it off (vLLM's chat_template_kwargs.enable_thinking)
+    reasoning = ctx.reasoning_parser if template_kwargs.get("enable_thinking", True) is not False else None
     forced = None
     if tools is not None and tools.forced:  # required or named: a grammar makes the model call
         if openai_structured(body) is not None:
@@ -297,31 +301,35 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         logprobs=k,
         prompt_logprobs=body.prompt_logprobs,
         structured=forced,
+        reasoning_end_token_id=end_token_for(reasoning, True, client.tokenizer),
     )
     echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
     request_id = random_id("chatcmpl")
     gen = await unless_disconnected(request, start_generation(ctx, prompt_ids, params, request_id, "openai.chat"))
     name = body.model or ctx.model_name
     if body.stream:
-        stream = chat_stream(gen, name, request_id, body, client.tokenizer, echo, parser)
+        stream = chat_stream(gen, name, request_id, body, client.tokenizer, echo, parser, reasoning)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
     final = await unless_disconnected(request, collect(gen))
-    return JSONResponse(chat_response(final, name, request_id, k, client.tokenizer, echo, parser))
+    return JSONResponse(chat_response(final, name, request_id, k, client.tokenizer, echo, parser, reasoning))
 
 
 def chat_response(
     final: RequestOutput, model: str, request_id: str, k: int | None, tokenizer, echo: str,
-    parser: ToolParser | None = None,
+    parser: ToolParser | None = None, reasoning: ReasoningParser | None = None,
 ) -> dict:  # fmt: skip
     choices = []
     for c in final.outputs:
         logprobs = None
         if k is not None and c.logprobs is not None:
             logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, k, tokenizer), "refusal": None}
-        message = {"role": "assistant", "content": echo + c.text, "refusal": None, "tool_calls": []}
+        thought, text = reasoning.split(c.text) if reasoning is not None else ("", c.text)
+        message = {"role": "assistant", "content": echo + text, "refusal": None, "tool_calls": []}
+        if reasoning is not None:
+            message["reasoning_content"] = thought or None
         finish = c.finish_reason
         if parser is not None:
-            content, calls = parser.parse(c.text)
+            content, calls = parser.parse(text)
             if calls:
                 message.update(content=(echo + content) if content.strip() else None, tool_calls=openai_calls(calls))
                 finish = "tool_calls" if finish == "stop" else finish
@@ -363,7 +371,7 @@ def _prompt_logprobs_json(prompt_logprobs) -> list | None:
 
 async def chat_stream(
     gen: Generation, model: str, request_id: str, body: ChatCompletionRequest, tokenizer, echo: str,
-    parser: ToolParser | None = None,
+    parser: ToolParser | None = None, reasoning: ReasoningParser | None = None,
 ) -> AsyncIterator[str]:  # fmt: skip
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -378,16 +386,26 @@ async def chat_stream(
         return sse(payload)
 
     parsers: dict = {}  # choice index -> its ToolStream
+    thoughts: dict = {}  # choice index -> its ReasoningStream
     try:
         for i in range(body.n):
             role = {"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None, "finish_reason": None}
             yield chunk([role])
         async for delta in gen:
             prompt_tokens = len(delta.prompt_token_ids)
+            outputs = delta.outputs
+            if reasoning is not None:  # the thinking goes out as reasoning_content deltas, the rest as before
+                outputs = []
+                for c in delta.outputs:
+                    thought, c = split_delta(thoughts, reasoning, c)
+                    if thought:
+                        yield chunk([{"index": c.index, "delta": {"reasoning_content": thought}, "logprobs": None,
+                                      "finish_reason": None}])  # fmt: skip
+                    outputs.append(c)
             if parser is not None:  # one chunk per content piece, call head or argument fragment
-                for choice in _tool_choices(delta.outputs, parsers, parser, k, tokenizer):
+                for choice in _tool_choices(outputs, parsers, parser, k, tokenizer):
                     yield chunk([choice], usage(prompt_tokens, gen.num_tokens) if continuous else None)
-            elif choices := [choice for c in delta.outputs if (choice := _chat_choice(c, k, tokenizer)) is not None]:
+            elif choices := [choice for c in outputs if (choice := _chat_choice(c, k, tokenizer)) is not None]:
                 yield chunk(choices, usage(prompt_tokens, gen.num_tokens) if continuous else None)
             if delta.finished and include_usage:
                 yield chunk([], usage(prompt_tokens, gen.num_tokens, delta.num_cached_tokens))

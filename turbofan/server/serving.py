@@ -64,6 +64,13 @@ class ServerContext:
 
         return tool_parser(self.settings.tool_call_parser)
 
+    @property
+    def reasoning_parser(self):
+        """The parser of a reasoning model's thinking (--reasoning-parser), or None."""
+        from turbofan.server.reasoning import ReasoningParser
+
+        return ReasoningParser.named(self.settings.reasoning_parser)
+
     # -- names ------------------------------------------------------------------------------------------------
     @property
     def state(self) -> EngineState:

@@ -181,10 +181,19 @@ class ToolStream:
         self.content = ""
         self._args_start: int | None = None  # where the arguments begin in the open call's buffer
         self._args_sent = 0
+        # an answer that starts with "{" may be a bare call without the tags (Qwen2.5-Coder-0.5B writes them):
+        # held until the end, then a call if it is one whole {"name", "arguments"} object (as Ollama does)
+        self._bare: bool | None = None
 
     def feed(self, text: str) -> list[ToolEvent]:
         self.buffer += text
         events: list[ToolEvent] = []
+        if self._bare is None:
+            if not self.buffer.strip():
+                return events
+            self._bare = self.buffer.lstrip().startswith("{")
+        if self._bare:
+            return events
         while True:
             if not self.in_call:
                 start = self.buffer.find(self.parser.open_tag)
@@ -212,12 +221,30 @@ class ToolStream:
     def finish(self) -> list[ToolEvent]:
         """The end of the text: an unclosed call is closed with what it has (a cut-off answer)."""
         events: list[ToolEvent] = []
+        if self._bare:
+            self._bare = False
+            if self._bare_call(self.buffer, events):
+                self.buffer = ""
+                return events
+            events = self.feed("")
         if self.in_call:
             self._close(self.buffer, events, cut=True)
         else:
             self._content(self.buffer, events)
         self.buffer = ""
         return events
+
+    def _bare_call(self, text: str, events: list[ToolEvent]) -> bool:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return False
+        if not (isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(obj.get("arguments"), dict)):
+            return False
+        self._start_call(obj["name"], events)
+        self.calls[-1].arguments = json.dumps(obj["arguments"], ensure_ascii=False)
+        events.append(ToolEvent("arguments", self.calls[-1].arguments, len(self.calls) - 1))
+        return True
 
     def _content(self, text: str, events: list[ToolEvent]) -> None:
         if text:

@@ -1,0 +1,85 @@
+"""`tool_choice: "auto"` with a model whose template renders tools: Qwen2.5-Coder-0.5B-Instruct (hermes calls).
+
+Slow: a 0.5B model from the model store (TURBOFAN_MODELS), pulled with `turbofan pull qwen2.5-coder:0.5b`; CI's
+`make test` pulls only the small models, so this skips there. The model decides by itself to call the tool
+(nothing forces it), so these tests check the template rendering the tools, the hermes parser on real output, and
+the tool result going back into the conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server import launch
+
+MODEL = "qwen2.5-coder:0.5b"
+STORE = os.environ.get("TURBOFAN_MODELS")
+
+
+def _in_store() -> bool:
+    if not STORE:
+        return False
+    from turbofan.store import ModelStore
+
+    try:
+        ModelStore(STORE).resolve(MODEL, pull_missing=False)  # a check, never a 3 GB download
+        return True
+    except Exception:
+        return False
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not _in_store(), reason=f"{MODEL} is not in the model store (TURBOFAN_MODELS)"),
+]
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a given city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city, e.g. Paris"}},
+            "required": ["city"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+
+
+@pytest.fixture(scope="module")
+def coder(tmp_path_factory):
+    srv = launch(MODEL, tmp_path_factory.mktemp("coder") / "server.log", "--max-model-len", "4096",
+                 "--served-model-name", MODEL, store=Path(STORE))  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+def test_auto_tool_choice_gives_a_parsed_call_and_the_result_round_trips(coder):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=coder.url + "/v1", api_key="none", max_retries=0)
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="auto",
+                                       temperature=0, max_tokens=128)  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    assert "paris" in json.loads(call.function.arguments)["city"].lower()
+    # the result goes back as a tool message; the model answers in prose that uses it
+    messages = [*ASK, choice.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 31, "sky": "sunny"})}]  # fmt: skip
+    r2 = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=96)
+    answer = r2.choices[0]
+    assert answer.finish_reason == "stop" and not answer.message.tool_calls, answer
+    assert "31" in answer.message.content, answer.message.content
+
+
+def test_api_show_lists_tools(coder):
+    r = httpx.post(coder.url + "/api/show", json={"model": MODEL}, timeout=60)
+    assert r.status_code == 200 and "tools" in r.json()["capabilities"], r.text
