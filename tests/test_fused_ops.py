@@ -132,3 +132,16 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("rows, n", [(1, 49152), (64, 49152), (3, 1), (5, 100), (2, 262144), (0, 7)])
+def test_argmax_rows_is_torch_argmax(rows, n):
+    g = torch.Generator().manual_seed(rows * 7 + n)
+    x = torch.randn(rows, n, generator=g)
+    if rows >= 3 and n >= 100:  # ties (the first wins), a NaN (counts as the largest), a row of -inf
+        x[0, 10] = x[0, 60] = x[0].max() + 1
+        x[1, n - 1] = float("nan")
+        x[2] = float("-inf")
+    assert torch.equal(torch.ops.turbofan.argmax_rows(x), x.argmax(-1))
+    if rows:
+        assert torch.equal(torch.ops.turbofan.argmax_rows(x[:, ::1].t().contiguous().t()), x.argmax(-1))

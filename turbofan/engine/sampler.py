@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from turbofan import kernels
 from turbofan.engine.constraints import GrammarMasks, narrow_top_k
 from turbofan.engine.errors import RequestFailedError
 from turbofan.engine.input_batch import Penalties, SamplingBatch
@@ -77,14 +78,14 @@ class Sampler:
         if batch.processor_rows or self.logits_processors:
             self._processors(logits, batch)
         if not batch.random_rows:
-            tokens = logits.argmax(-1)
+            tokens = argmax(logits)
         elif not batch.greedy_rows:
             tokens = self._random(logits, batch)
         else:
             tokens = torch.empty(n, dtype=torch.long)
             greedy = torch.tensor(batch.greedy_rows)
             rand = torch.tensor(batch.random_rows)
-            tokens[greedy] = logits[greedy].argmax(-1)
+            tokens[greedy] = argmax(logits[greedy])
             tokens[rand] = self._random(logits[rand], batch)
         out = SamplerOutput(tokens=tokens.tolist(), prompt_logprobs=prompt_lp)
         if raw is not None:
@@ -311,3 +312,11 @@ def top_logprobs_dict(
     for r, (tid, val) in enumerate(zip(top_ids, top_vals), start=1):
         entry.setdefault(tid, Logprob(val, r, decode(tid)))
     return entry
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens: the own row argmax where it serves (the same indices as torch.argmax, ~10x faster on a large
+    vocabulary), else torch's."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and kernels.available():
+        return torch.ops.turbofan.argmax_rows(logits)
+    return logits.argmax(-1)

@@ -42,3 +42,8 @@ def _qkv_rope_fake(qkv, cos, sin, heads, kv_heads, q_norm, k_norm, eps):
     t = qkv.shape[0]
     d = qkv.shape[1] // (heads + 2 * kv_heads)
     return qkv.new_empty((t, heads, d)), qkv.new_empty((t, kv_heads, d)), qkv.new_empty((t, kv_heads, d))
+
+
+@torch.library.register_fake("turbofan::argmax_rows")
+def _argmax_rows_fake(x):
+    return x.new_empty((x.shape[0],), dtype=torch.long)

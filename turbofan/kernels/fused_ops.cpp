@@ -131,6 +131,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv_in
 
 #undef TF_FUSED
 
+// The first j with row[j] == b (b a NaN: the first NaN), scanning in chunks whose test vectorises.
+static int64_t first_index_of(const float* row, int64_t n, float b) {
+  constexpr int64_t kChunk = 64;
+  const bool nan = std::isnan(b);
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t len = std::min(n - j0, kChunk);
+    const float* p = row + j0;
+    int hit = 0;
+    if (nan) {
+      for (int64_t j = 0; j < len; ++j) hit |= p[j] != p[j];
+    } else {
+      for (int64_t j = 0; j < len; ++j) hit |= p[j] == b;
+    }
+    if (!hit) continue;
+    for (int64_t j = 0; j < len; ++j)
+      if (nan ? p[j] != p[j] : p[j] == b) return j0 + j;
+  }
+  return 0;
+}
+
+// The index of each row's largest value: the first one on ties, a NaN counting as the largest (torch.argmax's
+// rule), so greedy decoding picks exactly what argmax picks. A vectorised max (at::amax), then a scan in chunks
+// for its first occurrence: torch's argmax carries an index through every comparison and took 2.5-9 ms for 64
+// rows of a 49k vocabulary here, against ~0.3 ms for this.
+at::Tensor argmax_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) > 0,
+              "argmax_rows: x must be float32 [rows, n > 0]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  if (rows == 0) return out;
+  const at::Tensor best = at::amax(x, {1});
+  const float *xp = x.data_ptr<float>(), *bp = best.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) op[r] = first_index_of(xp + r * n, n, bp[r]);
+  });
+  return out;
+}
+
 }  // namespace turbofan::fused
 
 TORCH_LIBRARY_FRAGMENT(turbofan, m) {
@@ -140,6 +180,7 @@ TORCH_LIBRARY_FRAGMENT(turbofan, m) {
   m.def("gated_act(Tensor gate_up, bool gelu) -> Tensor");
   m.def("qkv_rope(Tensor qkv, Tensor cos, Tensor sin, int heads, int kv_heads, Tensor? q_norm, Tensor? k_norm, "
         "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(turbofan, CPU, m) {
   m.impl("rms_norm", &turbofan::fused::rms_norm);
@@ -147,4 +188,5 @@ TORCH_LIBRARY_IMPL(turbofan, CPU, m) {
   m.impl("rope", &turbofan::fused::rope);
   m.impl("gated_act", &turbofan::fused::gated_act);
   m.impl("qkv_rope", &turbofan::fused::qkv_rope);
+  m.impl("argmax_rows", &turbofan::fused::argmax_rows);
 }
