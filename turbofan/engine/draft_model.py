@@ -29,7 +29,7 @@ import torch
 
 from turbofan.engine.block_manager import BlockManager
 from turbofan.engine.sequence import Sequence
-from turbofan.engine.speculative import StepCostModel
+from turbofan.engine.spec_cost import StepCostModel
 from turbofan.model.batch import ForwardBatch
 from turbofan.model.runner import ModelRunner
 from turbofan.model.tokenizer import Tokenizer
