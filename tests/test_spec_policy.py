@@ -110,3 +110,24 @@ def test_the_pool_seeds_a_fresh_sequence():
     state = SpecState()
     state.reset(pool.alpha)
     assert state.alpha == pytest.approx(pool.alpha) and state.probe_wait == 0
+
+
+def test_a_gguf_draft_is_served_in_4_bits_unless_told_otherwise(tmp_path):
+    """A draft converted from GGUF, under the target's "auto" on the CPU: int4_all (LM head included); an explicit
+    speculative_config "quantization" wins; a safetensors draft keeps the target's mode (the exact float path)."""
+    from turbofan.assembly import _draft_quantization
+    from turbofan.config import EngineConfig
+    from turbofan.store.manifest import Manifest
+
+    gguf, plain = tmp_path / "gguf", tmp_path / "plain"
+    for directory, fmt in ((gguf, "gguf"), (plain, "safetensors")):
+        directory.mkdir()
+        Manifest(name="d", source="s", format=fmt, architecture="Qwen2ForCausalLM", model_type="qwen2",
+                 family="qwen2", parameters=1, context_length=None, quantization=None, dtype="float32",
+                 size_bytes=1, digest="0").write(directory)  # fmt: skip
+    spec = SpeculativeConfig(model="d")
+    auto = EngineConfig(model="t", device="cpu")
+    assert _draft_quantization(auto, spec, gguf) == "int4_all"
+    assert _draft_quantization(auto, spec, plain) == "auto"
+    assert _draft_quantization(EngineConfig(model="t", device="cpu", quantization="int8"), spec, gguf) == "int8"
+    assert _draft_quantization(auto, SpeculativeConfig(model="d", quantization="auto"), gguf) == "auto"

@@ -152,6 +152,7 @@ class DraftModelProposer:
         a, b = self.cost.coefficients() if self.cost.ready else (None, None)
         return {
             "draft_model": self.name,
+            "draft_weights": self.runner.quantization,  # what the draft is served as, e.g. "q4: 97"
             "draft_forwards": self.num_forwards,
             "draft_tokens_run": self.num_tokens,
             "draft_step_fixed_ms": None if a is None else round(a * 1e3, 4),
