@@ -15,13 +15,16 @@ costs little more than scoring one. V8's speculation, applied to tokens:
 - **deoptimise**: rejected drafts are rolled back (their KV slots released, never committed to the prefix
   cache); a sequence whose proposals keep failing stops speculating for a while (a counted deopt, with a longer
   back-off each time);
-- **cost model**: step time is fitted online as a + b * tokens over decode/verify steps. An extra draft token
-  costs b; the j-th draft of a sequence with acceptance rate alpha returns alpha^j tokens, each worth what a
-  token costs without speculation at this batch size, (a + b * B) / B. Drafts are scheduled only while their
-  expected return exceeds their cost, so a large batch (where b * B dominates) stops speculating by itself. A
-  draft model's own steps are fitted the same way (a_d + b_d * tokens) and each draft token is also charged its
-  share of a draft step, (a_d + b_d * B) / B: where the draft is not much cheaper than the target, or the batch
-  is large, it stops drafting.
+- **cost model** (turbofan/engine/spec_cost.py): step time is fitted online as a + b * tokens over decode/verify
+  steps. A sequence with acceptance rate alpha and k drafts yields 1 + alpha + ... + alpha^k tokens for its share
+  of a step, (a + b * B) / B at B decoding sequences, plus k * b to verify the drafts; a draft model's own steps
+  are fitted the same way and each draft also costs its share of a draft step. A sequence gets the k with the most
+  tokens per second, 0 unless that beats not drafting by 10%, so a large batch (where b * B dominates) or a dear
+  draft stops speculating by itself;
+- **learning the acceptance**: a fresh sequence starts from the acceptance of every recent verification (the
+  pool, 0.6 before any); where its record rules drafting out but a good one (0.9) would pay at this batch size, it
+  is probed with one draft now and then (the wait doubling after each rejected probe), so a pair that pays learns
+  that it does and one that does not stops paying for probes.
 
 Requests whose next token depends on the tokens before it in ways the sampler keeps per step (penalties, logits
 processors, min_tokens not reached yet) do not speculate; everything else does, including n > 1, logprobs, stop
