@@ -113,13 +113,17 @@ def test_gguf_types_map_to_block_formats():
     assert _bits_of({"F32"}) is None and _bits_of({"Q4_K", "F16"}) is None
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4_all"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_quantized_model_logits_track_float32(tiny_models, arch, mode):
     path = tiny_models[arch]
     fp = ModelRunner(path, num_blocks=16, block_size=4, quantization="none")
     q = ModelRunner(path, num_blocks=16, block_size=4, quantization=mode)
-    assert q.quantization.startswith(f"q{mode[-1]}") and fp.quantization == "float32"
+    assert fp.quantization == "float32"
+    # int4 keeps the LM head in 8 bits; int4_all takes it to 4 too (a draft model's weights)
+    assert q.quantization == {"int8": "q8: {n}", "int4": "q4: {m}, q8: 1", "int4_all": "q4: {n}"}[mode].format(
+        n=4 * q.args.num_layers + 1, m=4 * q.args.num_layers
+    )
     ids = torch.randint(0, fp.args.vocab_size, (11,)).tolist()
     batch = ForwardBatch.build([ids], [0], [[0, 1, 2]], [list(range(11))], 4)
     a, b = fp.execute(batch), q.execute(batch)

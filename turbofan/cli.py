@@ -93,10 +93,11 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantization",
-        choices=["auto", "none", "int8", "int4"],
+        choices=["auto", "none", "int8", "int4", "int4_all"],
         default="auto",
         help="auto: a GGUF model keeps its file's precision (4/8-bit blocks), safetensors stay float32; "
-        "int8/int4: quantize every layer; none: float32, bit-comparable with transformers",
+        "int8/int4: quantize every layer (LM head 8-bit); int4_all: the LM head too; "
+        "none: float32, bit-comparable with transformers",
     )
 
 

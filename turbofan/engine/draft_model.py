@@ -29,7 +29,7 @@ import torch
 
 from turbofan.engine.block_manager import BlockManager
 from turbofan.engine.sequence import Sequence
-from turbofan.engine.speculative import StepCostModel
+from turbofan.engine.spec_cost import StepCostModel
 from turbofan.model.batch import ForwardBatch
 from turbofan.model.runner import ModelRunner
 from turbofan.model.tokenizer import Tokenizer
@@ -152,6 +152,7 @@ class DraftModelProposer:
         a, b = self.cost.coefficients() if self.cost.ready else (None, None)
         return {
             "draft_model": self.name,
+            "draft_weights": self.runner.quantization,  # what the draft is served as, e.g. "q4: 97"
             "draft_forwards": self.num_forwards,
             "draft_tokens_run": self.num_tokens,
             "draft_step_fixed_ms": None if a is None else round(a * 1e3, 4),

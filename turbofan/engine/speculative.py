@@ -15,13 +15,16 @@ costs little more than scoring one. V8's speculation, applied to tokens:
 - **deoptimise**: rejected drafts are rolled back (their KV slots released, never committed to the prefix
   cache); a sequence whose proposals keep failing stops speculating for a while (a counted deopt, with a longer
   back-off each time);
-- **cost model**: step time is fitted online as a + b * tokens over decode/verify steps. An extra draft token
-  costs b; the j-th draft of a sequence with acceptance rate alpha returns alpha^j tokens, each worth what a
-  token costs without speculation at this batch size, (a + b * B) / B. Drafts are scheduled only while their
-  expected return exceeds their cost, so a large batch (where b * B dominates) stops speculating by itself. A
-  draft model's own steps are fitted the same way (a_d + b_d * tokens) and each draft token is also charged its
-  share of a draft step, (a_d + b_d * B) / B: where the draft is not much cheaper than the target, or the batch
-  is large, it stops drafting.
+- **cost model** (turbofan/engine/spec_cost.py): step time is fitted online as a + b * tokens over decode/verify
+  steps. A sequence with acceptance rate alpha and k drafts yields 1 + alpha + ... + alpha^k tokens for its share
+  of a step, (a + b * B) / B at B decoding sequences, plus k * b to verify the drafts; a draft model's own steps
+  are fitted the same way and each draft also costs its share of a draft step. A sequence gets the k with the most
+  tokens per second, 0 unless that beats not drafting by 10%, so a large batch (where b * B dominates) or a dear
+  draft stops speculating by itself;
+- **learning the acceptance**: a fresh sequence starts from the acceptance of every recent verification (the
+  pool, 0.6 before any); where its record rules drafting out but a good one (0.9) would pay at this batch size, it
+  is probed with one draft now and then (the wait doubling after each rejected probe), so a pair that pays learns
+  that it does and one that does not stops paying for probes.
 
 Requests whose next token depends on the tokens before it in ways the sampler keeps per step (penalties, logits
 processors, min_tokens not reached yet) do not speculate; everything else does, including n > 1, logprobs, stop
@@ -32,7 +35,6 @@ since it draws one uniform per verified position).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field, fields
 
@@ -40,19 +42,17 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from turbofan.engine.sequence import Sequence
+from turbofan.engine.spec_cost import AcceptancePool, StepCostModel
 
 log = logging.getLogger("turbofan.engine")
 
 DEOPT_AFTER = 3  # consecutive proposals with nothing accepted before a sequence stops speculating
 BACKOFF_STEPS = 16  # decode steps of the first back-off; doubled with each further deopt of the sequence
 MAX_BACKOFF_STEPS = 1024
-ALPHA_PRIOR = 0.6  # a fresh sequence's assumed acceptance rate (optimistic: it must try to learn)
 ALPHA_DECAY = 0.9  # weight of past verifications in a sequence's acceptance estimate
-COST_DECAY = 0.98  # weight of past steps in the step-time fit
-PRIOR_FIXED_TOKENS = 16.0  # before the fit has spread in token counts: a step's fixed part = 16 tokens' worth
-PRIOR_WEIGHT = 8.0  # how many tokens^2 of spread the prior on the per-token cost is worth
-MIN_TOKEN_COST_SHARE = 0.25  # the per-token cost never drops below a quarter of the prior's
-GAIN_MARGIN = 1.1  # a draft must be expected to return 10% more than it costs
+PROBE_ALPHA = 0.9  # the acceptance a probe hopes for: where even that would not pay, nothing is probed
+PROBE_INTERVAL = 8  # gated steps between probes of a sequence whose record rules drafting out; doubled per probe
+MAX_PROBE_INTERVAL = 256
 
 
 @dataclass
@@ -66,6 +66,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     model: str | None = None
+    # vLLM's key: how the draft's weights are served (a --quantization mode; default: int4_all for a GGUF draft
+    # under the target's "auto", else the target's mode; see assembly._draft_quantization)
+    quantization: str | None = None
     adaptive: bool = True  # turbofan's: deopts and the cost model (off = always propose k tokens, for tests)
 
     def __post_init__(self) -> None:
@@ -76,6 +79,15 @@ class SpeculativeConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
             raise ValueError(f"speculative_config: num_speculative_tokens must be an integer in [1, 32], got {k!r}")
+        if self.quantization is not None and self.method != "draft_model":
+            raise ValueError('speculative_config: "quantization" applies to a draft model, not the ngram method')
+        if self.quantization is not None:
+            from turbofan.model.quant import MODES
+
+            if self.quantization not in MODES:
+                raise ValueError(
+                    f"speculative_config: quantization must be one of {', '.join(MODES)}, got {self.quantization!r}"
+                )
         if self.method == "draft_model":
             if not isinstance(self.model, str) or not self.model.strip():
                 raise ValueError(
@@ -159,11 +171,20 @@ class SpecState:
 
     tokens: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.int64))
     num_tokens: int = 0
-    accepted: float = ALPHA_PRIOR  # decayed counts of accepted drafts and of misses (a geometric acceptance)
-    missed: float = 1.0 - ALPHA_PRIOR
+    accepted: float = 0.0  # decayed counts of accepted drafts and of misses (a geometric acceptance)
+    missed: float = 0.0
     misses_in_a_row: int = 0
     deopts: int = 0
     backoff: int = 0  # decode steps left without speculation
+    probe_wait: int = 0  # gated decode steps left before the next k = 1 probe
+    probe_interval: int = PROBE_INTERVAL  # the wait after a probe that did not bring the record back; doubles
+    probing: bool = False  # the drafts being verified are a probe
+    accepted_since_deopt: int = 0
+
+    def reset(self, alpha: float) -> None:
+        """A fresh record worth one verification, at the acceptance the pool has seen (V8 re-collects feedback)."""
+        self.accepted, self.missed = alpha, 1.0 - alpha
+        self.probe_wait, self.probe_interval = 0, PROBE_INTERVAL
 
     @property
     def alpha(self) -> float:
@@ -182,56 +203,6 @@ class SpecState:
         return self.tokens[:n]
 
 
-class StepCostModel:
-    """Step seconds ~ a + b * tokens, fitted by exponentially weighted least squares over decode/verify steps,
-    with a prior on b (a fixed part worth PRIOR_FIXED_TOKENS tokens) until the steps have spread in size."""
-
-    def __init__(self) -> None:
-        self.w = self.st = self.stt = self.sy = self.sty = 0.0
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        d = COST_DECAY
-        self.w = d * self.w + 1.0
-        self.st = d * self.st + tokens
-        self.stt = d * self.stt + tokens * tokens
-        self.sy = d * self.sy + seconds
-        self.sty = d * self.sty + tokens * seconds
-
-    @property
-    def ready(self) -> bool:
-        return self.w > 0.0
-
-    def coefficients(self) -> tuple[float, float]:
-        """(a, b): fixed seconds per step and seconds per token."""
-        mt, my = self.st / self.w, self.sy / self.w
-        var = self.stt - self.w * mt * mt
-        cov = self.sty - self.w * mt * my
-        b_prior = my / (mt + PRIOR_FIXED_TOKENS)
-        # floor: a token is never free (a fit drowned in noise from a shared CPU can say so)
-        b = max((cov + PRIOR_WEIGHT * b_prior) / (var + PRIOR_WEIGHT), MIN_TOKEN_COST_SHARE * b_prior)
-        a = max(my - b * mt, 0.0)
-        return a, b
-
-    def per_sequence(self, batch: int) -> float:
-        """Seconds of a step of `batch` one-token rows, per row."""
-        a, b = self.coefficients()
-        return (a + b * batch) / batch
-
-    def draft_budget(self, alpha: float, batch: int, k_max: int, proposal_cost: float = 0.0) -> int:
-        """Drafts worth scheduling for one sequence: the j-th returns alpha^j tokens, each worth (a + b B) / B, and
-        costs b to verify plus `proposal_cost` seconds to propose (a draft model's step share; 0 for n-gram)."""
-        a, b = self.coefficients()
-        value = (a + b * batch) / batch
-        if alpha <= 0.0:
-            return 0
-        ratio = GAIN_MARGIN * (b + proposal_cost) / value
-        if ratio >= 1.0:
-            return 0
-        if alpha >= 1.0:
-            return k_max
-        return max(0, min(k_max, int(math.log(ratio) / math.log(alpha))))
-
-
 @dataclass
 class SpecStats:
     num_drafts: int = 0  # verifications of a sequence with at least one draft
@@ -240,6 +211,7 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)
     num_deopts: int = 0  # sequences that stopped speculating for a while
     num_gated_steps: int = 0  # decode steps where the cost model left every sequence without drafts
+    num_probes: int = 0  # k = 1 proposals to a sequence whose record ruled drafting out (to learn its acceptance)
     num_spec_steps: int = 0  # steps that verified drafts
     propose_seconds: float = 0.0  # time spent proposing (a draft model's forwards; n-gram lookups)
     verify_seconds: float = 0.0  # time of the target's forwards + sampling in steps that verified drafts
@@ -259,6 +231,7 @@ class Speculator:
         self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.max_model_len = max_model_len
         self.cost = StepCostModel()
+        self.pool = AcceptancePool()  # every verification's outcome: a fresh sequence's prior
         self.stats = SpecStats(accepted_per_position=[0] * config.num_speculative_tokens)
 
     # -- before the step --------------------------------------------------------------------------------------------
@@ -286,20 +259,12 @@ class Speculator:
             state = seq.spec_state
             if state is None:
                 state = seq.spec_state = SpecState()
+                state.reset(self.pool.alpha)
             if k == 0:
                 continue
             if self.config.adaptive:
-                if state.backoff > 0:
-                    state.backoff -= 1
-                    if state.backoff == 0:  # re-optimise from a fresh record (V8 re-collects feedback)
-                        state.accepted, state.missed = ALPHA_PRIOR, 1.0 - ALPHA_PRIOR
-                    continue
-                if self.cost.ready:
-                    budget = self.cost.draft_budget(state.alpha, len(decoding), k, extra)
-                    if budget == 0 and self.cost.draft_budget(ALPHA_PRIOR, len(decoding), k, extra) > 0:
-                        self._deopt(seq)  # its own record rules it out, not the batch size
-                    gated = gated or budget == 0
-                    k = budget
+                k = self._budget(state, k, len(decoding), extra)
+                gated = gated or k == 0
                 if k == 0:
                     continue
             wanted.append((seq, k))
@@ -313,6 +278,34 @@ class Speculator:
                 any_drafts = any_drafts or bool(seq.spec_token_ids)
         if gated and not any_drafts:
             self.stats.num_gated_steps += 1
+
+    def _budget(self, state: SpecState, k: int, batch: int, extra: float) -> int:
+        """Drafts the cost model gives the sequence this step. Where its record rules drafting out but a good
+        record would pay at this batch size, it gets a k = 1 probe now and then, so a pair that pays learns that
+        it does (a record of what was never tried stays the prior forever). An accepted probe is followed by the
+        next at once, until the record pays again; a rejected one doubles the wait before the next, so a pair that
+        does not pay stops paying for probes."""
+        if state.backoff > 0:
+            state.backoff -= 1
+            if state.backoff == 0:
+                state.reset(self.pool.alpha)
+            return 0
+        if not self.cost.ready:
+            return k
+        budget = self.cost.draft_budget(state.alpha, batch, k, extra)
+        if budget > 0:
+            state.probe_wait, state.probe_interval = 0, PROBE_INTERVAL
+            return budget
+        if self.cost.draft_budget(PROBE_ALPHA, batch, k, extra) == 0:
+            return 0  # no record would make drafts pay at this batch size and these costs
+        if state.probe_wait > 0:
+            state.probe_wait -= 1
+            return 0
+        state.probe_wait = state.probe_interval
+        state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
+        state.probing = True
+        self.stats.num_probes += 1
+        return 1
 
     def release(self, seq: Sequence) -> None:
         """A sequence finished, was aborted or preempted: the proposer forgets it (a draft frees its KV blocks)."""
@@ -381,8 +374,14 @@ class Speculator:
         for j in range(m):
             stats.accepted_per_position[j] += 1
         state = seq.spec_state
+        state.accepted_since_deopt += m
         state.accepted = ALPHA_DECAY * state.accepted + m
         state.missed = ALPHA_DECAY * state.missed + (1 if m < k else 0)
+        self.pool.record(m, 1 if m < k else 0)
+        if state.probing:
+            state.probing = False
+            if m:
+                state.probe_wait, state.probe_interval = 0, PROBE_INTERVAL
         if m:
             state.misses_in_a_row = 0
             return
@@ -393,6 +392,9 @@ class Speculator:
     def _deopt(self, seq: Sequence) -> None:
         """Stop speculating for this sequence for a while; each further deopt doubles the while."""
         state = seq.spec_state
+        if state.accepted_since_deopt >= BACKOFF_STEPS:  # it paid for a while since the last: no pattern, no doubling
+            state.deopts = 0
+        state.accepted_since_deopt = 0
         state.backoff = min(BACKOFF_STEPS << state.deopts, MAX_BACKOFF_STEPS)
         state.deopts += 1
         state.misses_in_a_row = 0
@@ -414,6 +416,8 @@ class Speculator:
             "accepted_per_position": list(s.accepted_per_position),
             "num_deopts": s.num_deopts,
             "num_gated_steps": s.num_gated_steps,
+            "num_probes": s.num_probes,
+            "pool_acceptance": round(self.pool.alpha, 4),
             "num_spec_steps": s.num_spec_steps,
             "step_fixed_ms": None if a is None else round(a * 1e3, 4),
             "step_per_token_ms": None if b is None else round(b * 1e3, 4),

@@ -47,7 +47,7 @@ def _weight_bytes(path: Path, parameters: int, quantization: str | None) -> int:
         return int(manifest.original_size_bytes)  # served in the file's own 4/8-bit blocks
     if q == "int8":
         return parameters + parameters // 8
-    if q == "int4":
+    if q in ("int4", "int4_all"):
         return parameters // 2 + parameters // 8
     return parameters * 4  # float32 on the CPU
 

@@ -5,6 +5,8 @@
   types (Q4_0, Q4_1, Q4_K, ...) become turbofan's 4-bit blocks, 5- to 8-bit types (Q5_x, Q6_K, Q8_0) its 8-bit
   blocks, float matrices stay float32. A safetensors model stays float32 (the exact path).
 - `int8` / `int4`: every layer matrix in 8 / 4 bits (the LM head in 8 bits), whatever the source.
+- `int4_all`: every matrix in 4 bits, the LM head too: the fewest bytes a step reads, for a speculative draft model
+  (its guesses are verified by the target, so its rounding costs acceptance, never correctness).
 - `none`: float32 everywhere, bit-comparable with transformers (the parity tests use it).
 The kernel quantizes activations per row (turbofan/kernels), so outputs stay batch-invariant.
 """
@@ -25,7 +27,7 @@ from turbofan.model.layers import CausalLM
 
 log = logging.getLogger("turbofan.model")
 
-MODES = ("auto", "none", "int8", "int4")
+MODES = ("auto", "none", "int8", "int4", "int4_all")
 LAYER_MATRICES = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 # GGUF tensor types by the turbofan block format that holds them without (much) loss.
 GGUF_4BIT = {"Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS",
@@ -110,7 +112,7 @@ def plan_for(mode: str, model_dir: Path, model: CausalLM) -> dict[str, int]:
         return gguf_plan(model_dir, model)
     bits = 8 if mode == "int8" else 4
     plan = {f"layers.{i}.{m}": bits for i in range(len(model.layers)) for m in LAYER_MATRICES}
-    plan["lm_head"] = 8
+    plan["lm_head"] = 4 if mode == "int4_all" else 8
     return plan
 
 
