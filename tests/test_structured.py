@@ -17,7 +17,7 @@ from typing import Literal
 
 import httpx
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from test_server import launch
 
 from turbofan.server.tools import HermesParser, openai_deltas
@@ -27,6 +27,8 @@ STORE = os.environ.get("TURBOFAN_MODELS")
 
 
 class Pet(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a closed object, as OpenAI's strict mode requires: no rambling keys
+
     species: Literal["cat", "dog", "parrot"]
     age: int = Field(ge=1, le=15)
     name: str = Field(max_length=12)
