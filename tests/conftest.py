@@ -103,3 +103,18 @@ def _kernels_built():
 def tmp_root(tmp_path_factory) -> Path:
     """One folder for the shared test server (its chain model and model store), whichever module starts it."""
     return tmp_path_factory.mktemp("server")
+
+
+def model_in_store(name: str) -> bool:
+    """Whether `name` is already in the model store TURBOFAN_MODELS names: a check, never a download (the real-model
+    tests skip without it)."""
+    store = os.environ.get("TURBOFAN_MODELS")
+    if not store:
+        return False
+    from turbofan.store import ModelStore
+
+    try:
+        ModelStore(store).resolve(name, pull_missing=False)
+        return True
+    except Exception:
+        return False

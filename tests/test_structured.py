@@ -17,6 +17,7 @@ from typing import Literal
 
 import httpx
 import pytest
+from conftest import model_in_store
 from pydantic import BaseModel, ConfigDict, Field
 from test_server import launch
 
@@ -66,19 +67,7 @@ TIME = {
 ASK = [{"role": "user", "content": "What's the weather like in Paris today?"}]
 
 
-def _in_store() -> bool:
-    if not STORE:
-        return False
-    from turbofan.store import ModelStore
-
-    try:
-        ModelStore(STORE).resolve(MODEL, pull_missing=False)  # a check, never a 3 GB download
-        return True
-    except Exception:
-        return False
-
-
-needs_model = pytest.mark.skipif(not _in_store(), reason=f"{MODEL} is not in the model store (TURBOFAN_MODELS)")
+needs_model = pytest.mark.skipif(not model_in_store(MODEL), reason=f"{MODEL} is not in the model store (TURBOFAN_MODELS)")
 
 
 @pytest.fixture(scope="module")

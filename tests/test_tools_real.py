@@ -14,27 +14,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import model_in_store
 from test_server import launch
 
 MODEL = "qwen2.5-coder:0.5b"
 STORE = os.environ.get("TURBOFAN_MODELS")
 
 
-def _in_store() -> bool:
-    if not STORE:
-        return False
-    from turbofan.store import ModelStore
-
-    try:
-        ModelStore(STORE).resolve(MODEL, pull_missing=False)  # a check, never a 3 GB download
-        return True
-    except Exception:
-        return False
-
-
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not _in_store(), reason=f"{MODEL} is not in the model store (TURBOFAN_MODELS)"),
+    pytest.mark.skipif(not model_in_store(MODEL), reason=f"{MODEL} is not in the model store (TURBOFAN_MODELS)"),
 ]
 
 WEATHER = {
