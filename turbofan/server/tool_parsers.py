@@ -302,8 +302,9 @@ class ToolParser:
     head = _head("arguments")
 
     def __init__(self, special: dict[str, int] | None = None):
-        """`special`: the ids of this format's tags that are special tokens of the model's vocabulary, which a
-        grammar must name as tokens (`<[id]>`): their text is not in the byte-level vocabulary."""
+        """`special`: the ids of this format's tags that are added tokens of the model's vocabulary (Qwen2.5's
+        `<tool_call>`, Mistral's `[TOOL_CALLS]`). llguidance sees every added token as a special token, outside
+        the byte-level text, so a grammar names them as tokens (`<[id]>`) to let the model write its own token."""
         self.special = special or {}
 
     def stream(self) -> ToolStream:
@@ -345,12 +346,12 @@ class ToolParser:
             rules.append(f"bare: {bare}")
         if self.open_tag:  # a tag anywhere: text up to it (lazily: the first occurrence), then the group's body
             starts.append("seg0 seg* TEXT" if self.close else "seg0")  # no close: the group runs to the end
-            body = self.group_body(False)
-            if self.open_tag in self.special:  # a special token is never part of the text
-                rules += [f"seg0: FIRST {self._tag(self.open_tag)} {body}", f"seg: TEXT {self._tag(self.open_tag)} {body}"]
-            else:
-                rules += [f"hd0[lazy]: FIRST {self._tag(self.open_tag)}", f"seg0: hd0 {body}",
-                          f"hd[lazy]: TEXT {self._tag(self.open_tag)}", f"seg: hd {body}"]  # fmt: skip
+            body, text = self.group_body(False), json.dumps(self.open_tag)
+            rules += [f"hd0[lazy]: FIRST {text}", f"hd[lazy]: TEXT {text}"]
+            first, later = "hd0", "hd"
+            if self.open_tag in self.special:  # the tag's own token, or its text spelled in other tokens
+                first, later = f"(hd0 | FIRST {self._tag(self.open_tag)})", f"(hd | TEXT {self._tag(self.open_tag)})"
+            rules += [f"seg0: {first} {body}", f"seg: {later} {body}"]
         start = "start: " + " | ".join(starts)
         return StructuredOutput("grammar", _lark("\n".join([start, *rules]), tools, self, False))
 
@@ -456,6 +457,6 @@ def select_parser(template: str | None, native: bool, override: str | None, hf_t
 
 
 def _special_ids(hf_tokenizer, tags: tuple[str, ...]) -> dict[str, int]:
-    """The tags that are special tokens of the vocabulary (llguidance sees them as tokens, not text)."""
+    """The tags that are added tokens of the vocabulary (special or not: llguidance sees them as tokens)."""
     decoder = getattr(hf_tokenizer, "added_tokens_decoder", None) or {}
-    return {t.content: i for i, t in decoder.items() if t.special and t.content in tags and t.content}
+    return {t.content: i for i, t in decoder.items() if t.content and t.content in tags}
