@@ -32,7 +32,7 @@ ARGS = {
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 SEEDS = range(10)
 LLAMA3 = (
-    "{% if tools %}<|start_header_id|>system<|end_header_id|>\nTools: {{ tools | tojson }}<|eot_id|>{% endif %}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\nTools: {% for t in tools %}{{ t.function.name }}{% endfor %}<|eot_id|>{% endif %}"
     "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n{{ m['content'] }}<|eot_id|>"
     "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n{% endif %}"
 )

@@ -30,9 +30,10 @@ THINK_TEMPLATE = CHAT_TEMPLATE.replace(
 )
 
 
-# A template that renders tools itself (Qwen2.5's shape, cut down): the tools in the system turn, calls as hermes.
+# A template that renders tools itself (Qwen2.5's shape, cut down to the tools' names: a tiny model's context is
+# short), calls as hermes.
 TOOLS_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n"
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }} {% endfor %}</tools>\n"
     "Answer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
