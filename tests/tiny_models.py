@@ -30,18 +30,31 @@ THINK_TEMPLATE = CHAT_TEMPLATE.replace(
 )
 
 
-def write_tokenizer(path: Path, vocab_size: int = 400, think: bool = False) -> int:
-    """`think`: <think> and </think> are tokens of their own, kept in decoded text (not special: Qwen3's)."""
+# A template that renders tools itself (Qwen2.5's shape, cut down to the tools' names: a tiny model's context is
+# short), calls as hermes.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }} {% endfor %}</tools>\n"
+    "Answer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOL_TAGS = ["<tool_call>", "</tool_call>"]
+
+
+def write_tokenizer(path: Path, vocab_size: int = 400, think: bool = False, tools: bool = False) -> int:
+    """`think`: <think> and </think> are tokens of their own, kept in decoded text (not special: Qwen3's).
+    `tools`: likewise <tool_call> and </tool_call> (Qwen2.5's), and a template that renders tools."""
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<think>", "</think>"] if think else [])
+    tags = (["<think>", "</think>"] if think else []) + (TOOL_TAGS if tools else [])
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + tags
     tok.train_from_iterator(CORPUS * 20, vocab_size=vocab_size, special_tokens=special)
     tok.save(str(path / "tokenizer.json"))
-    if think:
+    if tags:
         data = json.loads((path / "tokenizer.json").read_text())
         for added in data["added_tokens"]:
-            if added["content"] in ("<think>", "</think>"):
+            if added["content"] in tags:
                 added["special"] = False
         (path / "tokenizer.json").write_text(json.dumps(data))
     (path / "tokenizer_config.json").write_text(
@@ -51,7 +64,7 @@ def write_tokenizer(path: Path, vocab_size: int = 400, think: bool = False) -> i
                 "eos_token": "<|im_end|>",
                 "bos_token": None,
                 "pad_token": "<|endoftext|>",
-                "chat_template": THINK_TEMPLATE if think else CHAT_TEMPLATE,
+                "chat_template": THINK_TEMPLATE if think else TOOLS_TEMPLATE if tools else CHAT_TEMPLATE,
                 "clean_up_tokenization_spaces": False,
             }
         )
@@ -92,15 +105,16 @@ def hf_config(arch: str, vocab: int, eos: int, hidden: int = 64, layers: int = 3
 
 
 def build_tiny_model(
-    path: Path, arch: str, seed: int = 0, hidden: int = 64, layers: int = 3, vocab_size: int = 400, think: bool = False
-) -> Path:
+    path: Path, arch: str, seed: int = 0, hidden: int = 64, layers: int = 3, vocab_size: int = 400, think: bool = False,
+    tools: bool = False,
+) -> Path:  # fmt: skip
     """Random weights saved as safetensors with a real (tiny) BPE tokenizer and a chat template. Models built with
     the same `vocab_size` share one tokenizer (the BPE training is deterministic): a smaller one can be a draft.
-    `think`: a reasoning model's tokens and template."""
+    `think`: a reasoning model's tokens and template; `tools`: tool-call tokens and a template that renders tools."""
     import transformers as tf
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = write_tokenizer(path, vocab_size, think=think)
+    vocab = write_tokenizer(path, vocab_size, think=think, tools=tools)
     eos = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"].get("<|im_end|>", 2)
     torch.manual_seed(seed)
     config = hf_config(arch, vocab, eos, hidden, layers)

@@ -73,7 +73,11 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)  # tests: force a tiny cache
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
-    p.add_argument("--tool-call-parser", default=None, help="format of tool calls in the output: hermes (default)")
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="format of tool calls in the output: hermes, llama3_json or mistral (default: from the chat template)",
+    )
     p.add_argument(
         "--reasoning-parser",
         default=None,

@@ -40,6 +40,7 @@ from turbofan.server.tools import (
     ollama_calls,
     prepare_messages,
     template_supports_tools,
+    tool_constraint,
 )
 from turbofan.server.variants import apply_variant
 
@@ -463,7 +464,8 @@ async def chat(body: ChatRequest, request: Request):
     choice = (body.model_extra or {}).get("tool_choice", (body.options or {}).get("tool_choice"))
     tools = ToolRequest.parse(body.tools, choice)
     template = chat_template_source(client.tokenizer, ctx.settings.chat_template)
-    messages, kwargs = prepare_messages([_chat_message(m) for m in body.messages], tools, template_supports_tools(template))
+    native = template_supports_tools(template)
+    messages, kwargs = prepare_messages([_chat_message(m) for m in body.messages], tools, native)
     kwargs.update(_think_kwargs(ctx, body.think))
 
     def tokenize_messages() -> list[int]:  # off the event loop, like every tokenization
@@ -471,12 +473,10 @@ async def chat(body: ChatRequest, request: Request):
         return client.tokenizer.encode(text, add_special_tokens=False)
 
     prompt_ids = await asyncio.to_thread(tokenize_messages)
-    parser = ctx.tool_parser if tools is not None else None
+    parser = ctx.tool_parser(client.tokenizer, template, native) if tools is not None else None
     fmt = body.format
-    if tools is not None and tools.forced:
-        if fmt not in (None, ""):
-            raise bad_request("a required or named tool_choice cannot be combined with format")
-        fmt = parser.grammar(tools)
+    constraint = tool_constraint(tools, parser, fmt not in (None, "")) if parser is not None else None
+    fmt = constraint if constraint is not None else fmt
     params = sampling_from_options(body.options, len(prompt_ids), client.info.max_model_len, k, fmt,
                                    end_token_for(reasoning, True, client.tokenizer))  # fmt: skip
     request_id = f"ollama-chat-{int(started * 1e6):x}-{id(body):x}"

@@ -52,6 +52,7 @@ from turbofan.server.tools import (
     openai_deltas,
     prepare_messages,
     template_supports_tools,
+    tool_constraint,
 )
 
 router = APIRouter()
@@ -269,7 +270,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     extra = body.model_extra or {}
     tools = ToolRequest.parse(extra.get("tools"), extra.get("tool_choice"))
     template = chat_template_source(client.tokenizer, body.chat_template or ctx.settings.chat_template)
-    messages, template_kwargs = prepare_messages(_message_dicts(body.messages), tools, template_supports_tools(template))
+    native = template_supports_tools(template)
+    messages, template_kwargs = prepare_messages(_message_dicts(body.messages), tools, native)
     template_kwargs.update(body.chat_template_kwargs or {})
     if body.continue_final_message:
         template_kwargs["continue_final_message"] = True
@@ -286,14 +288,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     prompt_ids = await asyncio.to_thread(tokenize_messages)
     k = (body.top_logprobs or 0) if body.logprobs else None
-    parser = ctx.tool_parser if tools is not None else None
+    parser = ctx.tool_parser(client.tokenizer, template, native) if tools is not None else None
     # a reasoning model thinks unless the request turns it off (vLLM's chat_template_kwargs.enable_thinking)
     reasoning = ctx.reasoning_parser if template_kwargs.get("enable_thinking", True) is not False else None
-    forced = None
-    if tools is not None and tools.forced:  # required or named: a grammar makes the model call
-        if openai_structured(body) is not None:
-            raise bad_request("a required or named tool_choice cannot be combined with response_format", "tool_choice")
-        forced = parser.grammar(tools)
+    # required or named: a grammar makes the model call; auto with a strict tool: a started call follows the schema
+    forced = tool_constraint(tools, parser, openai_structured(body) is not None) if parser is not None else None
     params = sampling_params(
         body,
         client,

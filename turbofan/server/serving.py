@@ -57,12 +57,11 @@ class ServerContext:
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.manager, lambda: self.model_name)
 
-    @property
-    def tool_parser(self):
-        """The parser for tool calls in model output (--tool-call-parser)."""
-        from turbofan.server.tools import tool_parser
+    def tool_parser(self, tokenizer, template: str | None, native: bool):
+        """The parser of tool calls in a model's output: --tool-call-parser, else the chat template's format."""
+        from turbofan.server.tools import select_parser
 
-        return tool_parser(self.settings.tool_call_parser)
+        return select_parser(template, native, self.settings.tool_call_parser, tokenizer.hf)
 
     @property
     def reasoning_parser(self):

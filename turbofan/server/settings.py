@@ -17,7 +17,7 @@ class ServerSettings:
     chat_template: str | None = None  # overrides the tokenizer's template
     stats_interval: float = 10.0  # seconds between engine-stats log lines; 0 turns them off
     models_dir: str | None = None  # the model store (for /api/tags, /api/pull, ...); None: its default
-    tool_call_parser: str | None = None  # None: hermes (server/tools.py)
+    tool_call_parser: str | None = None  # None: chosen from the chat template (server/tool_parsers.py)
     reasoning_parser: str | None = None  # deepseek_r1 | qwen3: the model thinks first (server/reasoning.py)
     debug_endpoints: bool = False  # /debug/* (KV blocks, queues, profiles): only with --enable-debug-endpoints
     max_request_bytes: int = 8 << 20  # bodies above this are refused with 413 before they are buffered
