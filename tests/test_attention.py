@@ -436,3 +436,66 @@ def test_metadata_is_per_step_not_per_context():
     assert meta.query_start_loc.tolist() == [0, 5, 6]
     assert meta.gather_slots.shape == (2, 701)  # the fallback's view still works when asked for
     assert meta._dense is not None
+
+
+@pytest.mark.parametrize("window", [0, 100])
+def test_a_rows_bits_do_not_depend_on_chunking_batch_mates_or_speculation(isa_path, kv_dtype, window):
+    """Batch invariance of the kernel, bit for bit: one sequence (a 640-token prompt, then 6 generated tokens) is
+    computed (a) in one call, (b) with its prompt cut into uneven chunks, each in a call with another sequence, and
+    its generated tokens as decode rows, one per call, beside a long decode of another sequence, (c) with a 3-row
+    last prompt chunk and its generated tokens as one verify call (a decode row plus 5 drafts). Every row must
+    be the same bytes in all three: no reduction order may depend on the tile a row lands in, on what else is in
+    the call, or on whether a generated row was decoded or verified. Two threads, so long decode rows are split
+    across cores (by their own key count, never by the call's size)."""
+    bs, heads, kv_heads, head_dim, prompt, total = 16, 6, 2, 64, 640, 646
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(total, heads, head_dim, generator=g)
+    k = torch.randn(total, kv_heads, head_dim, generator=g)
+    v = torch.randn(total, kv_heads, head_dim, generator=g)
+    other = 700  # the batch mate: a sequence with this many tokens in the cache
+    oq = torch.randn(other, heads, head_dim, generator=g)
+    ok = torch.randn(other, kv_heads, head_dim, generator=g)
+    ov = torch.randn(other, kv_heads, head_dim, generator=g)
+    table = list(range(1, -(-total // bs) + 1))
+    other_table = list(range(100, 100 + -(-other // bs)))
+
+    def run(calls: list[list[tuple[str, int, int]]]) -> torch.Tensor:
+        """Each call: (sequence, first row, end row) pieces; returns the main sequence's output rows."""
+        k_cache = torch.zeros(200 * bs, kv_heads, head_dim, dtype=kv_dtype)
+        v_cache = torch.zeros_like(k_cache)
+        out = torch.empty(total, heads, head_dim)
+        for pieces in calls:
+            src = {"main": (q, k, v, table, prompt), "other": (oq, ok, ov, other_table, other - 1)}
+            rows = [src[name] for name, _, _ in pieces]
+            batch = ForwardBatch.build(
+                [[0] * (b - a) for _, a, b in pieces], [a for _, a, _ in pieces], [r[3] for r in rows],
+                [[] for _ in pieces], bs,
+            )  # fmt: skip
+            batch.prompt_lens = torch.tensor([r[4] for r in rows])
+            meta = AttentionMetadata.from_batch(batch)
+            qs, ks, vs = (torch.cat([r[i][a:b] for r, (_, a, b) in zip(rows, pieces)]) for i in range(3))
+            got = paged_attention(qs, ks, vs, k_cache, v_cache, meta, 0.125, window or None)
+            offset = 0
+            for name, a, b in pieces:
+                if name == "main":
+                    out[a:b] = got[offset : offset + b - a]
+                offset += b - a
+        return out
+
+    prefill_other = [("other", 0, other - 1)]
+    with kernels.forced_isa(isa_path):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            whole = run([prefill_other, [("main", 0, total)]])
+            decoded = run(
+                [prefill_other, [("main", 0, 250), ("other", other - 1, other)], [("main", 250, 601)],
+                 [("main", 601, prompt)]]
+                + [[("other", other - 1, other), ("main", prompt + i, prompt + i + 1)] for i in range(6)]
+            )  # fmt: skip
+            verified = run([prefill_other, [("main", 0, prompt - 3)], [("main", prompt - 3, prompt)],
+                            [("main", prompt, total), ("other", other - 1, other)]])  # fmt: skip
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(decoded, whole)
+    assert torch.equal(verified, whole)

@@ -174,3 +174,33 @@ def test_default_low_bit_path_keeps_quality(name):
     assert q.served_as != "float32" and q.tokens > 400
     assert q.ppl_ratio < 1.03, q
     assert q.agreement >= 0.95, q
+
+
+@pytest.mark.parametrize("name", ["smollm2:135m", "gemma3:270m"])
+def test_default_path_is_batch_invariant_and_speculation_exact(name):
+    """On the default quantized path, where a last-bit difference in attention flips int8 activation blocks and
+    shows up in the tokens: every token and logprob of 8 greedy requests (stories, copying, code) is the same bytes
+    alone and batched (prefix-cache hits and chunked prefill included), with n-gram speculation verifying drafts
+    alone and batched. Gemma 3 adds sliding-window layers."""
+    from turbofan import LLM, SamplingParams
+    from turbofan.bench.offline import TOPICS
+    from turbofan.bench.speculative import CODE_TASKS, COPY_TASKS, COPY_TEXT
+
+    models = os.environ.get("TURBOFAN_MODELS")
+    plain = LLM(name, models_dir=models, num_kv_blocks=512, max_num_batched_tokens=128)
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
+            "adaptive": False}  # fmt: skip
+    speculating = LLM(name, models_dir=models, num_kv_blocks=512, speculative_config=spec)
+    texts = [f"Write a short story about {t}." for t in TOPICS[:4]] + CODE_TASKS[:2]
+    texts += [task.format(text=COPY_TEXT) for task in COPY_TASKS]  # plain text: Gemma 3 270M has no chat template
+    params = SamplingParams(temperature=0, max_tokens=40, logprobs=0)
+
+    def run(llm, batch):
+        outs = [o.outputs[0] for o in llm.generate(batch, params, use_tqdm=False)]
+        return [(o.token_ids, [next(iter(d.values())).logprob for d in o.logprobs]) for o in outs]
+
+    alone = [run(plain, [t])[0] for t in texts]
+    assert run(plain, texts) == alone
+    assert [run(speculating, [t])[0] for t in texts] == alone
+    assert run(speculating, texts) == alone
+    assert speculating.speculative_stats()["num_accepted_tokens"] > 0

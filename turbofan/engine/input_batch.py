@@ -236,6 +236,7 @@ class InputBatch:
                 block_tables=tables,
                 logits_indices=torch.arange(b),
                 block_size=bs,
+                prompt_lens=torch.tensor([s.request.num_prompt_tokens for s in seqs], dtype=torch.long),
             )
         ids: list[int] = []
         lens: list[int] = []
@@ -264,6 +265,7 @@ class InputBatch:
             block_tables=tables,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
             block_size=bs,
+            prompt_lens=torch.tensor([s.request.num_prompt_tokens for s in seqs], dtype=torch.long),
         )
 
     def sampling_batch(

@@ -3,6 +3,13 @@
 `paged_attention_varlen` is a thin call of `torch.ops.turbofan.paged_attention_varlen`: eager code pays only the
 dispatcher, and a compiled graph keeps it as one opaque op (its shape function is in fakes.py), whatever the
 context length.
+
+Batch invariance: a row's numbers depend only on its own sequence, never on the other sequences of the call or on
+how its prompt was cut into chunks. A prompt row is computed in tiles of many positions whose per-row arithmetic
+does not depend on the tile (lanes form, chunks at absolute key positions); a generated token's row (`prompt_lens`
+says where those begin) gets a tile of its own, split across threads by its own key count only, so a verify step's
+rows are the bits the decode steps would give them (speculation changes no greedy token). Without `prompt_lens`, a
+sequence of at most 33 rows in the call is taken as generated rows.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ def paged_attention_varlen(
     block_size: int,
     scale: float,
     window: int | None = None,  # a query at position p sees keys at positions > p - window
+    prompt_lens: torch.Tensor | None = None,  # [B] int64: rows at positions >= prompt_lens[b] are generated tokens
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) attention of every query row over its own sequence's paged context."""
     return torch.ops.turbofan.paged_attention_varlen(
@@ -49,6 +57,7 @@ def paged_attention_varlen(
         block_size,
         scale,
         window or 0,
+        prompt_lens,
     )
 
 

@@ -65,7 +65,7 @@ struct DecoderStack : torch::CustomClassHolder {
   // x [T, hidden] through every layer; kv_cache [layers, 2, slots, kv_heads, head_dim] is written in place.
   at::Tensor forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin, at::Tensor kv_cache,
                      at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor query_start_loc,
-                     at::Tensor context_lens, int64_t block_size) {
+                     at::Tensor context_lens, int64_t block_size, c10::optional<at::Tensor> prompt_lens) {
     const int64_t layers = static_cast<int64_t>(windows.size());
     TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == layers, "DecoderStack: kv_cache must be [", layers,
                 ", 2, slots, kv_heads, head_dim]");
@@ -86,7 +86,8 @@ struct DecoderStack : torch::CustomClassHolder {
         TF_SCOPE("turbofan::paged_attention_varlen");
         const at::Tensor layer_cache = kv_cache.select(0, i);
         o = attn::paged_attention_varlen(q, k, v, layer_cache.select(0, 0), layer_cache.select(0, 1), slot_mapping,
-                                         block_tables, query_start_loc, context_lens, block_size, scale, windows[i]);
+                                         block_tables, query_start_loc, context_lens, block_size, scale, windows[i],
+                                         prompt_lens);
       }
       o = linear(o.reshape({t, q.size(1) * q.size(2)}), w + kO, none);
       if (present(w[kPostAttnNorm])) o = rms_norm(o, w[kPostAttnNorm], eps);

@@ -12,7 +12,8 @@ def _qlinear_fake(x, qweight, scales, mins, wsum, bias):
 
 @torch.library.register_fake("turbofan::paged_attention_varlen")
 def _paged_attention_varlen(
-    q, k, v, k_cache, v_cache, slot_mapping, block_tables, query_start_loc, context_lens, block_size, scale, window
+    q, k, v, k_cache, v_cache, slot_mapping, block_tables, query_start_loc, context_lens, block_size, scale, window,
+    prompt_lens=None,
 ):
     return q.new_empty(q.shape)
 

@@ -49,6 +49,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kExpLow = -87.3365447505f, kExpHigh = 88.3762626647949f;  // the vector exp's input range
 constexpr int kMaxRows = 64;       // query rows per tile (row form)
 constexpr int kMinSplitKeys = 256;  // a key slice of a split unit is at least this long
+constexpr int64_t kPerPositionRows = 33;  // without prompt_lens: a sequence of at most this many rows is generated rows
 constexpr int64_t kPrefetchBytes = 64 << 10;  // how far ahead (K and V bytes) the prefetch walker runs
 
 // One chunk of at most `nc` keys for one tile. Layouts depend on the form (see above).
@@ -281,6 +282,7 @@ struct Problem {
   int64_t bt_stride;
   const int64_t* qsl;
   const int64_t* ctx;
+  const int64_t* prompt_lens;  // [B] or nullptr: rows at positions >= prompt_lens[b] are generated tokens
   int64_t H, KVH, D, group, block_size, window, slot_stride;
   float scale;
 };
@@ -291,6 +293,7 @@ struct Unit {
   int32_t k0, k1;        // key positions [k0, k1)
   int64_t partial;       // float offset of this slice's (m, l, o) in the partial buffer; -1: write the output
   bool lanes;
+  bool per_position;     // a generated token's row: split by its own key count only
 };
 
 struct Scratch {
@@ -478,37 +481,48 @@ static Plan make_plan(const Problem& P, const Kernels& K, int64_t B, int64_t thr
   const bool lanes_ok = K.lanes != nullptr && P.group <= lanes_rows;
   const int64_t lanes_tile = std::max<int64_t>(1, lanes_rows / P.group);
   const int64_t row_tile = std::max<int64_t>(1, kMaxRows / P.group);
+  const int64_t nc = chunk_keys(P.D);
+  auto add_tile = [&](int64_t b, int64_t first, int64_t q0, int64_t q1, bool lanes, bool per_position) {
+    int64_t k0 = P.window > 0 ? std::max<int64_t>(0, first + q0 - P.window + 1) : 0;
+    if (!per_position) k0 -= k0 % nc;  // chunks at absolute multiples of nc: a row's sums do not depend on its tile
+    const int64_t k1 = first + q1;
+    const int64_t rows = (q1 - q0) * P.group;
+    const int64_t width = lanes ? (rows + K.vl - 1) / K.vl * K.vl : rows;
+    for (int64_t g = 0; g < P.KVH; ++g) {
+      Unit u;
+      u.cost = width * (k1 - k0 + 8);
+      u.b = static_cast<int32_t>(b);
+      u.g = static_cast<int32_t>(g);
+      u.q0 = static_cast<int32_t>(q0);
+      u.q1 = static_cast<int32_t>(q1);
+      u.k0 = static_cast<int32_t>(k0);
+      u.k1 = static_cast<int32_t>(k1);
+      u.partial = -1;
+      u.lanes = lanes;
+      u.per_position = per_position;
+      tiles.push_back(u);
+      plan.total_cost += u.cost;
+    }
+  };
   for (int64_t b = 0; b < B; ++b) {
     const int64_t qlen = P.qsl[b + 1] - P.qsl[b];
     const int64_t first = P.ctx[b] - qlen;
-    const bool lanes = lanes_ok && qlen > 1;
-    const int64_t tile = qlen == 1 ? 1 : lanes ? lanes_tile : row_tile;
-    for (int64_t q0 = 0; q0 < qlen; q0 += tile) {
-      const int64_t q1 = std::min(qlen, q0 + tile);
-      const int64_t k0 = P.window > 0 ? std::max<int64_t>(0, first + q0 - P.window + 1) : 0;
-      const int64_t k1 = first + q1;
-      const int64_t rows = (q1 - q0) * P.group;
-      const int64_t width = lanes ? (rows + K.vl - 1) / K.vl * K.vl : rows;
-      for (int64_t g = 0; g < P.KVH; ++g) {
-        Unit u;
-        u.cost = width * (k1 - k0 + 8);
-        u.b = static_cast<int32_t>(b);
-        u.g = static_cast<int32_t>(g);
-        u.q0 = static_cast<int32_t>(q0);
-        u.q1 = static_cast<int32_t>(q1);
-        u.k0 = static_cast<int32_t>(k0);
-        u.k1 = static_cast<int32_t>(k1);
-        u.partial = -1;
-        u.lanes = lanes;
-        tiles.push_back(u);
-        plan.total_cost += u.cost;
-      }
-    }
+    // Rows before `gen` are prompt rows: tiles of many positions (lanes form, where it serves), whose per-row
+    // arithmetic does not depend on how the prompt was chunked. Rows from `gen` on are generated tokens (a decode
+    // row, or a verify step's row plus its drafts, or a recomputed one): one row-form tile per position, so each
+    // is computed exactly as its decode step computed it.
+    const int64_t gen = P.prompt_lens != nullptr
+                            ? std::clamp<int64_t>(P.prompt_lens[b] - first, 0, qlen)
+                            : (qlen <= kPerPositionRows ? 0 : qlen);
+    const int64_t tile = lanes_ok ? lanes_tile : row_tile;
+    for (int64_t q0 = 0; q0 < gen; q0 += tile) add_tile(b, first, q0, std::min(gen, q0 + tile), lanes_ok, false);
+    for (int64_t q0 = gen; q0 < qlen; ++q0) add_tile(b, first, q0, q0 + 1, false, true);
   }
-  const int64_t target = threads > 1 ? std::max<int64_t>(1, plan.total_cost / (4 * threads)) : plan.total_cost + 1;
+  // A one-position tile is split by its own key count only, never by what else is in the call: a request's
+  // numbers must not depend on its batch mates (batch invariance). Prompt tiles are not split.
   for (const Unit& t : tiles) {
     const int64_t keys = t.k1 - t.k0;
-    const int64_t parts = std::min((t.cost + target - 1) / target, keys / kMinSplitKeys);
+    const int64_t parts = threads > 1 && t.per_position ? keys / kMinSplitKeys : 1;
     if (parts <= 1) {
       plan.units.push_back(t);
       continue;
@@ -597,7 +611,8 @@ at::Tensor paged_attention_varlen(const at::Tensor& q_in, const at::Tensor& k_in
                                   const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& slot_mapping_in, const at::Tensor& block_tables_in,
                                   const at::Tensor& query_start_loc_in, const at::Tensor& context_lens_in,
-                                  int64_t block_size, double scale, int64_t window) {
+                                  int64_t block_size, double scale, int64_t window,
+                                  const c10::optional<at::Tensor>& prompt_lens_in) {
   for (const at::Tensor* t : {&q_in, &k_in, &v_in})
     TORCH_CHECK(t->scalar_type() == at::kFloat, "turbofan::paged_attention_varlen supports float32 q/k/v only (got ",
                 t->scalar_type(), "); use the PyTorch attention path for other dtypes");
@@ -627,6 +642,11 @@ at::Tensor paged_attention_varlen(const at::Tensor& q_in, const at::Tensor& k_in
   const at::Tensor qsl_t = index_arg(query_start_loc_in, "query_start_loc");
   const at::Tensor ctx_t = index_arg(context_lens_in, "context_lens");
   const int64_t B = ctx_t.numel();
+  at::Tensor prompt_t;
+  if (prompt_lens_in.has_value() && prompt_lens_in->defined()) {
+    prompt_t = index_arg(*prompt_lens_in, "prompt_lens");
+    TORCH_CHECK(prompt_t.numel() >= B, "paged_attention_varlen: prompt_lens must have B = ", B, " entries");
+  }
   TORCH_CHECK(slot_mapping.numel() == T, "paged_attention_varlen: slot_mapping has ", slot_mapping.numel(),
               " entries for ", T, " tokens");
   TORCH_CHECK(qsl_t.numel() == B + 1, "paged_attention_varlen: query_start_loc must have B + 1 = ", B + 1, " entries");
@@ -675,6 +695,7 @@ at::Tensor paged_attention_varlen(const at::Tensor& q_in, const at::Tensor& k_in
   P.bt_stride = W;
   P.qsl = qsl;
   P.ctx = ctx;
+  P.prompt_lens = prompt_t.defined() ? prompt_t.data_ptr<int64_t>() : nullptr;
   P.H = H;
   P.KVH = KVH;
   P.D = D;
@@ -720,7 +741,7 @@ TORCH_LIBRARY_FRAGMENT(turbofan, m) {
   m.def(
       "paged_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slot_mapping, Tensor block_tables, Tensor query_start_loc, Tensor context_lens, int block_size, "
-      "float scale, int window) -> Tensor");
+      "float scale, int window, Tensor? prompt_lens=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(turbofan, CPU, m) {

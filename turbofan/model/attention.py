@@ -99,6 +99,7 @@ class AttentionMetadata:
     num_tokens: int
     use_kernel: bool  # the C++ kernel serves float32 / float16 caches; other dtypes take the fallback
     windows: tuple[int, ...] = ()
+    prompt_lens: torch.Tensor | None = None  # [B]: rows from these positions on are generated tokens (the kernel's)
     _dense: DenseMetadata | None = None
 
     @classmethod
@@ -117,6 +118,7 @@ class AttentionMetadata:
             num_tokens=fb.num_tokens,
             use_kernel=use_kernel,
             windows=tuple(windows),
+            prompt_lens=fb.prompt_lens,
         )
         if use_kernel:
             # The only context-length-dependent shape the kernel sees; one compiled entry serves every length.
@@ -261,6 +263,7 @@ def paged_attention(
             meta.block_size,
             scale,
             window,
+            meta.prompt_lens,
         )
     return sdpa_paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
 

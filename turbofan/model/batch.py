@@ -17,6 +17,9 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0
     logits_indices: torch.Tensor  # [N] long: rows of the flat batch to project to the vocabulary
     block_size: int
+    # [B] long: each sequence's prompt length; rows at later positions are generated tokens, which the attention
+    # kernel computes exactly as a decode step would (batch invariance); None: unknown (a short chunk counts as such)
+    prompt_lens: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -83,4 +86,5 @@ class ForwardBatch:
             block_tables=torch.cat([self.block_tables, table]),
             logits_indices=self.logits_indices,
             block_size=self.block_size,
+            prompt_lens=None if self.prompt_lens is None else torch.cat([self.prompt_lens, zeros]),
         )

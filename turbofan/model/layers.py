@@ -192,6 +192,7 @@ class CausalLM(nn.Module):
                 meta.query_start_loc,
                 meta.context_lens,
                 meta.block_size,
+                meta.prompt_lens,
             )
             return rms_norm(x, self.final_norm, self.args.rms_norm_eps, self.fused)
         for i, layer in enumerate(self.layers):

@@ -202,7 +202,9 @@ class TieredForward:
         """A bucket-shaped decode batch that reads and writes only the trash block."""
         r = self.runner
         trash = r.trash_block
-        return ForwardBatch.build([[0]] * bucket, [1] * bucket, [[trash]] * bucket, [[0]] * bucket, r.block_size)
+        batch = ForwardBatch.build([[0]] * bucket, [1] * bucket, [[trash]] * bucket, [[0]] * bucket, r.block_size)
+        batch.prompt_lens = torch.zeros(bucket, dtype=torch.long)  # decode rows, as the engine's steps give them
+        return batch
 
     def _compile_entry(self, entry: TierEntry, calls: int) -> None:
         # Compiling is mostly Python holding the GIL; the serving thread re-takes the GIL after every torch op.
