@@ -101,6 +101,22 @@ def test_no_probe_where_no_acceptance_would_pay():
     assert spec.stats.num_probes == 0 and spec.stats.num_deopts == 0
 
 
+def test_a_step_where_nothing_pays_proposes_nothing_and_looks_at_no_sequence():
+    """The whole step is gated at once (one cost check, not one per sequence): the proposer is never called and no
+    sequence's record is touched, so a large batch pays nothing for speculation being configured."""
+
+    def proposer(seq, k):
+        raise AssertionError("proposed at batch 64")
+
+    spec = Speculator(SpeculativeConfig(method="ngram", num_speculative_tokens=4), 4096, proposer)
+    spec.cost = _fitted(0.056, 0.0078)
+    running = [SimpleNamespace(num_tokens=10, num_computed_tokens=9, spec_token_ids=[1], spec_state=None)
+               for _ in range(64)]  # fmt: skip
+    spec.propose(running)
+    assert all(s.spec_token_ids == [] and s.spec_state is None for s in running)
+    assert spec.stats.num_gated_steps == 1
+
+
 def test_the_pool_seeds_a_fresh_sequence():
     pool = AcceptancePool()
     assert pool.alpha == pytest.approx(ALPHA_PRIOR)

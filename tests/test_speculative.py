@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import random
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from test_engine import _assert_greedy_match, _firsts, _greedy, _prompts
 
 from turbofan import LLM, SamplingParams
 from turbofan.engine.spec_cost import StepCostModel
-from turbofan.engine.speculative import SpeculativeConfig, ngram_propose
+from turbofan.engine.speculative import NgramIndex, SpeculativeConfig, ngram_propose
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 FORCED = {**NGRAM, "adaptive": False}  # propose whenever lookup finds something: every step verifies
@@ -86,6 +87,20 @@ def test_ngram_lookup_takes_the_latest_longest_match():
     assert ngram_propose(t, 2, 2, 1) == [6]  # "1 9": the latest earlier occurrence wins
     assert ngram_propose(np.array([7, 8, 7, 7]), 1, 2, 3) == [7]  # "7": after the 7 at 2 came the 7 at 3
     assert ngram_propose(np.array([3, 3, 3]), 1, 5, 4) == [3]
+
+
+def test_the_incremental_ngram_index_proposes_what_the_scan_does():
+    """NgramIndex (what the engine uses, updated as tokens arrive, several at a time after accepted drafts) gives
+    the reference scan's proposal at every length of random sequences over a small alphabet (many repeats)."""
+    rng = random.Random(0)
+    for n_min, n_max in ((1, 3), (2, 4), (5, 5), (1, 1)):
+        for _ in range(20):
+            tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 60))]
+            index, length = NgramIndex(n_min, n_max), 1
+            while length <= len(tokens):
+                k = rng.randrange(1, 6)
+                assert index.propose(tokens[:length], k) == ngram_propose(np.array(tokens[:length]), n_min, n_max, k)
+                length += rng.randrange(1, 4)
 
 
 def test_cost_model_turns_speculation_off_at_large_batch():
