@@ -17,10 +17,12 @@ Two engines on the same weights, one with the speculative config and one without
 With `--llama-server`, llama.cpp's server on the same GGUF files (the target's, and `-md` the draft's for a
 draft-model config) takes its turns in the same rounds, with and without its draft, on the same prompt token ids
 (greedy, /completion; c=1 workloads only). `--ignore-eos` makes every run produce exactly --output-len tokens.
+`--control` adds an A/A arm (a second engine without speculation): its ratio to "off" is the noise band a ratio
+of this run must be read against.
 The speculator's counters give the profile: time proposing (the draft's forwards) and verifying (the target's).
-Greedy outputs of the two engines are also compared token for token (identical_outputs): a verify step runs
-the matmuls and attention in other shapes than a decode step, so at a float-noise tie between the top two tokens
-the two runs may take different tokens, as batching does.
+Greedy outputs of the two engines are also compared token for token (identical_outputs): they must all be the
+same, since a verified row is computed with the same bits as a decode step would compute it (batch invariance,
+turbofan/kernels/attention.py).
 """
 
 from __future__ import annotations
@@ -177,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="every run generates exactly --output-len tokens")
     p.add_argument("--kv-cache-memory", default=None, help="each engine's KV cache (default: the engine's)")
     p.add_argument("--llama-server", default=None, help="also run llama.cpp's llama-server (c=1 workloads)")
+    p.add_argument("--control", action="store_true",
+                   help="a third arm: a second engine without speculation, taking its turns too; its ratio to 'off' "
+                        "is this machine's noise band for the same work (an A/A test)")  # fmt: skip
     p.add_argument(
         "--speculative-config",
         default='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}',
@@ -188,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     engine_args = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     off = LLM(args.model, **engine_args)
     on = LLM(args.model, speculative_config=spec_config, **engine_args)
+    engines = {"off": off, "on": on}
+    if args.control:
+        engines["ctl"] = LLM(args.model, **engine_args)
     tok = off.get_tokenizer()
     llama = None
     if args.llama_server:
@@ -200,13 +208,13 @@ def main(argv: list[str] | None = None) -> None:
         workloads[name] = makers[kind](tok, conc)
     print(f"# {args.model}, {cpu_description()}, {torch.get_num_threads()} threads, config {spec_config}")
     warm = workloads[next(iter(workloads))][:1]
-    for llm in (off, on):  # warm up both (kernels, allocator) on a short run
+    for llm in engines.values():  # warm up every engine (kernels, allocator) on a short run
         run(llm, warm, 8)
     for arm in llama.urls if llama else ():
         llama.run(arm, warm, 8, False)
     results = {}
     for name, prompts in workloads.items():
-        ratios, rates_on, rates_off, same = [], [], [], 0
+        ratios, rates_on, rates_off, same, control = [], [], [], 0, []
         llama_rates: dict[str, list[float]] = {"off": [], "on": []}
         if llama is not None:
             llama.drafted = dict.fromkeys(llama.urls, 0)
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             if name.startswith("code"):  # a new task each round, the same for every arm
                 prompts = code_prompts(tok, len(prompts), offset=r)
-            arms = ["off", "on"]
+            arms = list(engines)
             if llama is not None and len(prompts) == 1:
                 arms += [f"llama-{a}" for a in llama.urls]
             shift = r % len(arms)  # each arm goes first in turn
@@ -224,10 +232,12 @@ def main(argv: list[str] | None = None) -> None:
                 if arm.startswith("llama-"):
                     got[arm] = (llama.run(arm.removeprefix("llama-"), prompts, args.output_len, args.ignore_eos), [])
                 else:
-                    got[arm] = run(on if arm == "on" else off, prompts, args.output_len, args.ignore_eos)
+                    got[arm] = run(engines[arm], prompts, args.output_len, args.ignore_eos)
             rates_off.append(got["off"][0])
             rates_on.append(got["on"][0])
             ratios.append(got["on"][0] / got["off"][0])
+            if "ctl" in got:
+                control.append(got["ctl"][0] / got["off"][0])
             same += sum(a == b for a, b in zip(got["on"][1], got["off"][1]))
             for a in llama_rates:
                 if f"llama-{a}" in got:
@@ -248,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
             "propose_s": round(after["propose_seconds_total"] - before["propose_seconds_total"], 2),
             "verify_s": round(after["verify_seconds_total"] - before["verify_seconds_total"], 2),
         }
+        if control:  # the same work on both arms: how far apart noise alone puts them
+            results[name].update(control_median=round(statistics.median(control), 3),
+                                 control_min=round(min(control), 3), control_max=round(max(control), 3))  # fmt: skip
         if llama_rates["off"]:
             results[name].update(llama_summary(llama, llama_rates, rates_on))
         print(name, json.dumps(results[name]), flush=True)
