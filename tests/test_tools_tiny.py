@@ -17,18 +17,9 @@ import sys
 import jsonschema
 import pytest
 from test_server import REPO, launch
+from test_tool_parsers import ARGS  # the weather tool's arguments: one definition
 from tiny_models import build_tiny_model
 
-ARGS = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 10},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "unit", "days"],
-    "additionalProperties": False,
-}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 SEEDS = range(10)
 LLAMA3 = (
