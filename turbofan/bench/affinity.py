@@ -25,12 +25,59 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-WORDS = (
-    "river stone lantern harbour market winter orchard signal copper meadow engine ladder garden bridge shadow "
-    "window thunder canvas marble forest valley candle mirror rocket pillar basket violin island desert anchor "
-    "blanket castle feather glacier hammer jungle kettle lemon magnet needle ocean pepper quartz ribbon saddle "
-    "tunnel umbrella velvet walnut yogurt zipper"
-).split()
+WORDS = [
+    "river",
+    "stone",
+    "lantern",
+    "harbour",
+    "market",
+    "winter",
+    "orchard",
+    "signal",
+    "copper",
+    "meadow",
+    "engine",
+    "ladder",
+    "garden",
+    "bridge",
+    "shadow",
+    "window",
+    "thunder",
+    "canvas",
+    "marble",
+    "forest",
+    "valley",
+    "candle",
+    "mirror",
+    "rocket",
+    "pillar",
+    "basket",
+    "violin",
+    "island",
+    "desert",
+    "anchor",
+    "blanket",
+    "castle",
+    "feather",
+    "glacier",
+    "hammer",
+    "jungle",
+    "kettle",
+    "lemon",
+    "magnet",
+    "needle",
+    "ocean",
+    "pepper",
+    "quartz",
+    "ribbon",
+    "saddle",
+    "tunnel",
+    "umbrella",
+    "velvet",
+    "walnut",
+    "yogurt",
+    "zipper",
+]
 
 
 def document(seed: int, words: int) -> str:
@@ -59,7 +106,11 @@ def ask(client: httpx.Client, url: str, doc: str, question: str, output_len: int
                 chunks += 1
                 if ttft is None:
                     ttft = time.perf_counter() - start
-    return {"ttft": ttft if ttft is not None else time.perf_counter() - start, "chunks": chunks, "replica": replica}
+    return {
+        "ttft": ttft if ttft is not None else time.perf_counter() - start,
+        "chunks": chunks,
+        "replica": replica,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(job: tuple[int, int]) -> None:
         c, t = job
-        if t > 0:  # a later turn waits for its conversation's first turn to be known (a user answers, then asks)
+        if (
+            t > 0
+        ):  # a later turn waits for its conversation's first turn to be known (a user answers, then asks)
             turn_done[0].wait()
         r = ask(client, url, docs[c], f"Question {t + 1}: which words appear most often in document {c}?",
                 args.output_len)  # fmt: skip
@@ -110,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         "later_turns_on_first_replica": f"{stayed}/{len(later)}",
         "ttft_p50_ms_later_turns": round(statistics.median(ttfts), 1),
         "ttft_p90_ms_later_turns": round(ttfts[int(0.9 * (len(ttfts) - 1))], 1),
-        "ttft_p50_ms_first_turns": round(statistics.median(r["ttft"] * 1e3 for _, t, r in results if t == 0), 1),
+        "ttft_p50_ms_first_turns": round(
+            statistics.median(r["ttft"] * 1e3 for _, t, r in results if t == 0), 1
+        ),
         "output_tok_s": round(sum(r["chunks"] for _, _, r in results) / wall, 2),
         "wall_s": round(wall, 2),
     }
