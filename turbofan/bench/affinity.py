@@ -21,6 +21,7 @@ import random
 import statistics
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     out = {
         "label": args.label,
         "requests": len(results),
-        "replicas_seen": sorted({r["replica"] for _, _, r in results}),
+        "first_turns_per_replica": dict(Counter(first_replica.values())),
         "later_turns_on_first_replica": f"{stayed}/{len(later)}",
         "ttft_p50_ms_later_turns": round(statistics.median(ttfts), 1),
         "ttft_p90_ms_later_turns": round(ttfts[int(0.9 * (len(ttfts) - 1))], 1),
