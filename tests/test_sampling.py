@@ -184,7 +184,7 @@ def test_truncation_of_a_row_never_depends_on_its_mates_widths():
             seq = make_seqs([p])[0]
             others = make_seqs(extra)
             logits = torch.cat([target, torch.randn(len(extra), vocab, generator=g)])
-            runs.append([sample_seqs(logits, [seq, *others]).tokens[0] for _ in range(30)])
+            runs.append(_decode_steps(lambda step, logits=logits: logits, [seq, *others], None, 30, row=0))
         assert all(r == runs[0] for r in runs), p
         assert len(set(runs[0])) > 3, "the draw should be random"
 
@@ -348,7 +348,7 @@ def test_seeded_row_does_not_depend_on_batch_mates():
     p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
     alone_seq = make_seqs([p])
     sampler = Sampler([EOS])
-    alone = [sample_seqs(target, alone_seq, sampler).tokens[0] for _ in range(40)]
+    alone = _decode_steps(lambda step: target, alone_seq, sampler, 40, row=0)
     batch_params = [
         SamplingParams(temperature=1.0, seed=99),
         SamplingParams(temperature=0.7),
@@ -358,17 +358,44 @@ def test_seeded_row_does_not_depend_on_batch_mates():
         SamplingParams(temperature=1.0),
     ]
     seqs = make_seqs(batch_params)
-    together = []
-    for step in range(40):
-        logits = torch.cat([mates[:2], target, mates[2:]]) + step * 0.01 * torch.arange(6.0)[:, None] * (
-            torch.arange(6)[:, None] != 2
-        )
+
+
+    def logits(step: int) -> torch.Tensor:
         torch.manual_seed(step)  # the global generator moves differently in a batch; it must not matter
-        together.append(sample_seqs(logits, seqs, sampler).tokens[2])
+        mix = step * 0.01 * torch.arange(6.0)[:, None] * (torch.arange(6)[:, None] != 2)
+        return torch.cat([mates[:2], target, mates[2:]]) + mix
+
+    together = _decode_steps(logits, seqs, sampler, 40, row=2)
     assert together == alone
     assert len(set(alone)) > 10, "the draw should actually be random"
     other = make_seqs([SamplingParams(temperature=1.0, top_p=0.95, seed=1235)])
-    assert [sample_seqs(target, other, sampler).tokens[0] for _ in range(40)] != alone
+    assert _decode_steps(lambda step: target, other, sampler, 40, row=0) != alone
+
+
+def test_seeded_uniforms_are_uniform_and_differ_by_seed():
+    """seeded_uniform(seed, index): 20,000 draws of one seed fill 20 equal bins within 5 sigma and have mean 1/2;
+    a neighbouring seed (the next fork's) gives another stream."""
+    from turbofan.engine.sampler import seeded_uniform
+
+    draws = torch.tensor([seeded_uniform(42, i) for i in range(20_000)], dtype=torch.float64)
+    assert float(draws.min()) >= 0.0 and float(draws.max()) < 1.0
+    counts = torch.histc(draws, bins=20, min=0.0, max=1.0)
+    assert float((counts - 1000).abs().max()) < 5 * (1000 * 0.95) ** 0.5, counts
+    assert abs(float(draws.mean()) - 0.5) < 0.01
+    assert [seeded_uniform(43, i) for i in range(100)] != draws[:100].tolist()
+    assert seeded_uniform(42, 7) == seeded_uniform(42, 7)
+
+
+def _decode_steps(logits_of, seqs, sampler, steps: int, row: int) -> list[int]:
+    """`steps` decode steps of `seqs` (each sampled token appended to its sequence, as the engine does: a seeded
+    draw is keyed by the index of the token it draws); returns the tokens of sequence `row`."""
+    drawn = []
+    for step in range(steps):
+        tokens = sample_seqs(logits_of(step), seqs, sampler).tokens
+        for seq, token in zip(seqs, tokens):
+            seq.token_ids.append(token)
+        drawn.append(tokens[row])
+    return drawn
 
 
 # -- end to end through LLM: stop strings, stop tokens, EOS, length -----------------------------------------------

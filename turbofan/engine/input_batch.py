@@ -44,7 +44,7 @@ class SamplingBatch:
     top_k: torch.Tensor | None = None  # [M] (vocab size when off)
     top_p: torch.Tensor | None = None  # [M]
     min_p: torch.Tensor | None = None  # [M]
-    generators: list[torch.Generator | None] = field(default_factory=list)  # [M]
+    seeds: list[tuple[int, int] | None] = field(default_factory=list)  # [M]: (seed, index of the token drawn)
     logprob_rows: list[int] = field(default_factory=list)
     logprob_k: list[int] = field(default_factory=list)
     penalties: Penalties | None = None
@@ -69,6 +69,18 @@ class SamplingBatch:
 class StepBatch:
     forward: ForwardBatch
     sampling: SamplingBatch
+
+
+def _token_indices(sample: list[tuple[Sequence, int]]) -> list[int]:
+    """The index in its sequence's token list of the token each sample position draws: num_tokens, and for the
+    k + 1 consecutive positions of a sequence with k drafts, num_tokens + 1, ... after it."""
+    out: list[int] = []
+    prev, j = None, 0
+    for seq, _ in sample:
+        j = j + 1 if seq is prev else 0
+        out.append(seq.num_tokens + j)
+        prev = seq
+    return out
 
 
 def _grow(t: torch.Tensor, rows: int, cols: int | None = None, fill: float = 0) -> torch.Tensor:
@@ -277,6 +289,7 @@ class InputBatch:
         """The sampler's view of (sequence, logits row) pairs; every sequence must hold a slot. `forced`: positions
         of `sample` whose token is already known (a grammar's forced drafts), left out of the rows sampled."""
         positions: list[int] = []
+        token_index = _token_indices(sample)
         if forced:
             positions = [i for i in range(len(sample)) if i not in forced]
             sample = [sample[i] for i in positions]
@@ -295,7 +308,8 @@ class InputBatch:
             batch.top_k = self.top_k[idx]
             batch.top_p = self.top_p[idx]
             batch.min_p = self.min_p[idx]
-            batch.generators = [seqs[i].generator for i in batch.random_rows]
+            at = positions or range(len(seqs))  # row -> its position in the step's sample list
+            batch.seeds = [None if seqs[i].seed is None else (seqs[i].seed, token_index[at[i]]) for i in batch.random_rows]
         if self.num_biased:
             idx = torch.tensor(slots, dtype=torch.long)
             batch.bias_ids = self.bias_ids[idx]

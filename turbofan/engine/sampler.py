@@ -7,8 +7,9 @@ Top-p is computed inside the top-k candidates (one `topk` of the raw logits, nev
 temperature scales only the candidates): a row with top_k keeps its k best, renormalised; a row with only top_p
 starts from its 128 best and widens (x16) until they hold top_p of its mass, so its nucleus is found exactly and
 identically whatever the width. A row without either samples the whole vocabulary through a two-level CDF (block
-sums, then one block). Every draw inverts the kept distribution's CDF with one uniform per row; a seeded row draws
-it from its own generator, so its tokens never depend on its batch mates or on which path its mates took. Logprobs
+sums, then one block). Every draw inverts the kept distribution's CDF with one uniform per row; a seeded row's
+uniform is a function of its seed and the index of the token it draws, so its tokens never depend on its batch
+mates, on which path its mates took, or on speculation verifying several of its positions in one step. Logprobs
 are of the raw model distribution (vLLM's default), computed only for the rows that ask.
 """
 
@@ -140,7 +141,7 @@ class Sampler:
     def _random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Tokens for rows that sample (all of `logits`, which this may overwrite)."""
         vocab = logits.shape[-1]
-        u = _uniforms(batch.generators)
+        u = _uniforms(batch.seeds)
         temp, top_k, top_p, min_p = batch.temperature, batch.top_k.clamp(max=vocab), batch.top_p, batch.min_p
         truncated = (top_k < vocab) | (top_p < 1)
         if bool(truncated.all()):
@@ -187,12 +188,33 @@ def _penalise(logits: torch.Tensor, p: Penalties) -> None:
         logits[p.rows] = sub
 
 
-def _uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One uniform in [0, 1) per row: a seeded row's from its own generator, the others' from the global one."""
-    u = torch.rand(len(generators), dtype=torch.float64)
-    for i, g in enumerate(generators):
-        if g is not None:
-            u[i] = torch.rand(1, dtype=torch.float64, generator=g)[0]
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers with full avalanche."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def seeded_uniform(seed: int, index: int) -> float:
+    """The uniform in [0, 1) that a seeded sequence draws for its token number `index`: output `index` of a
+    SplitMix64 stream keyed by the seed. A function of (seed, index) alone, not of how many draws came before, so
+    a seeded request's tokens are the same whether its positions are sampled one a step or several in one
+    speculative verify step (a draft survives iff the target's own draw equals it)."""
+    state = _mix64((seed ^ GOLDEN) & MASK64)
+    return (_mix64((state + (index + 1) * GOLDEN) & MASK64) >> 11) * 2.0**-53
+
+
+def _uniforms(seeds: list[tuple[int, int] | None]) -> torch.Tensor:
+    """One uniform in [0, 1) per row: a seeded row's from (its seed, the index of the token it draws), the
+    others' from the global generator."""
+    u = torch.rand(len(seeds), dtype=torch.float64)
+    for i, s in enumerate(seeds):
+        if s is not None:
+            u[i] = seeded_uniform(*s)
     return u
 
 

@@ -10,8 +10,6 @@ import enum
 import itertools
 import time
 
-import torch
-
 from turbofan.engine.constraints import Constraint
 from turbofan.engine.outputs import CompletionOutput, Logprob, RequestMetrics
 from turbofan.engine.params import SamplingParams
@@ -34,14 +32,13 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.status = Status.WAITING
-        self.generator: torch.Generator | None = None
+        # a seeded request's fork `index` samples with seed + index (vLLM's rule); the uniform for each token is a
+        # function of (seed, token index) alone (engine/sampler.py: seeded_uniform)
+        self.seed: int | None = None if request.params.seed is None else request.params.seed + index
         self.constraint: Constraint | None = None  # the grammar matcher of a request with structured output
-        params = request.params
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed + index)
         self.output_text = ""
         self.detokenizer = None  # set by the engine's Detokenizer
-        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if request.params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -28,8 +28,8 @@ costs little more than scoring one. V8's speculation, applied to tokens:
 
 Requests whose next token depends on the tokens before it in ways the sampler keeps per step (penalties, logits
 processors, min_tokens not reached yet) do not speculate; everything else does, including n > 1, logprobs, stop
-strings and seeds (a seeded request stays reproducible, though its tokens differ from a run without speculation,
-since it draws one uniform per verified position).
+strings and seeds (a seeded request's tokens are the same with speculation on or off: its uniform for a position
+is a function of its seed and the token's index, engine/sampler.py).
 """
 
 from __future__ import annotations
