@@ -10,8 +10,8 @@ run, with the bitmask of the matcher that has already consumed the run. So a ste
 sequence for the cost of k more query tokens in the forward (SGLang's "jump-forward decoding").
 
 Output is exactly what one-token-a-step decoding would give when the grammar's forced tokens are the ones the
-mask would leave alone anyway; a seeded sampled request stays reproducible, though it draws no uniform for a
-forced token. Sequences that may not take drafts (penalties, processors, min_tokens, logprobs: see
+mask would leave alone anyway; a seeded sampled request gives the same tokens too: its uniform for a position is
+keyed by the token's index (engine/sampler.py), and a forced token needs none. Sequences that may not take drafts (penalties, processors, min_tokens, logprobs: see
 `draft_room`) decode one token a step as before.
 """
 
