@@ -289,7 +289,7 @@ class InputBatch:
         """The sampler's view of (sequence, logits row) pairs; every sequence must hold a slot. `forced`: positions
         of `sample` whose token is already known (a grammar's forced drafts), left out of the rows sampled."""
         positions: list[int] = []
-        token_index = _token_indices(sample)
+        token_index = _token_indices(sample) if any(s.seed is not None for s, _ in sample) else []
         if forced:
             positions = [i for i in range(len(sample)) if i not in forced]
             sample = [sample[i] for i in positions]
