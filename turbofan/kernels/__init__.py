@@ -39,6 +39,7 @@ SOURCES = (
     "paged_attention.cpp",
     "token_bitmask.cpp",
     "decoder_stack.cpp",
+    "gguf_repack.cpp",
 )
 ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
 _lock = threading.Lock()

@@ -68,6 +68,35 @@ def _unpack_codes(qw: QuantizedWeight) -> torch.Tensor:
     return raw.permute(0, 3, 1, 2, 4).reshape(n, nb, BLOCK)  # [N, nb, 32] in element order
 
 
+def pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int) -> QuantizedWeight:
+    """Codes [N, K/32, 32] (q4: uint8 0..15; q8: int8 -127..127) with per-block float16 scales (and q4 mins)
+    [N, K/32] -> the kernel's panel layout. The one place the layout is written: `quantize` and the GGUF
+    repacker (turbofan/model/gguf_repack.py) both end here."""
+    n = codes.shape[0]
+    if bits == 8:
+        wsum = codes.to(torch.int32).sum(-1, dtype=torch.int32)
+        return QuantizedWeight(8, _pack_codes(codes, 8), _panels(scales).reshape(n // PANEL, -1), None,
+                               _panels(wsum).reshape(n // PANEL, -1))
+    if bits == 4:
+        return QuantizedWeight(4, _pack_codes(codes, 4), _panels(scales).reshape(n // PANEL, -1),
+                               _panels(mins).reshape(n // PANEL, -1), None)
+    raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+def concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack weights of one format along N (q/k/v or gate/up fused into one matrix): panels are whole rows, so
+    the parts' bytes are concatenated unchanged."""
+    bits = {p.bits for p in parts}
+    if len(bits) != 1:
+        raise ValueError(f"cannot fuse weights of different formats: q{sorted(bits)}")
+
+    def cat(field: str) -> torch.Tensor | None:
+        tensors = [getattr(p, field) for p in parts]
+        return None if tensors[0] is None else torch.cat(tensors, dim=0)
+
+    return QuantizedWeight(parts[0].bits, cat("qweight"), cat("scales"), cat("mins"), cat("wsum"))
+
+
 def quantize(weight: torch.Tensor, bits: int) -> QuantizedWeight:
     """Round a float [N, K] weight to the q4 or q8 block format (scales rounded to float16 first, so the codes
     are chosen against the scales actually stored)."""
@@ -80,17 +109,14 @@ def quantize(weight: torch.Tensor, bits: int) -> QuantizedWeight:
         scales = (blocks.abs().amax(-1) / 127.0).half()
         d = scales.float()[..., None]
         q = torch.where(d > 0, blocks / d.clamp(min=1e-30), 0).round().clamp(-127, 127).to(torch.int8)
-        wsum = q.to(torch.int32).sum(-1, dtype=torch.int32)
-        return QuantizedWeight(8, _pack_codes(q, 8), _panels(scales).reshape(n // PANEL, -1), None,
-                               _panels(wsum).reshape(n // PANEL, -1))
+        return pack(q, scales, None, 8)
     if bits == 4:
         lo = blocks.amin(-1)
         mins = lo.half()
         scales = _grid_step(blocks, lo).half()
         d, m = scales.float()[..., None], mins.float()[..., None]
         q = torch.where(d > 0, (blocks - m) / d.clamp(min=1e-30), 0).round().clamp(0, 15).to(torch.uint8)
-        return QuantizedWeight(4, _pack_codes(q, 4), _panels(scales).reshape(n // PANEL, -1),
-                               _panels(mins).reshape(n // PANEL, -1), None)
+        return pack(q, scales, mins, 4)
     raise ValueError(f"bits must be 4 or 8, got {bits}")
 
 
@@ -120,6 +146,24 @@ def _unpanel(t: torch.Tensor, n: int) -> torch.Tensor:
 def codes(qw: QuantizedWeight) -> torch.Tensor:
     """The integer codes [N, K/32, 32] (int32) of a quantized weight, in element order."""
     return _unpack_codes(qw)
+
+
+def dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of the weight as float32 [len(rows), K], reading only their bytes: the token-embedding lookup
+    of a quantized embedding table (llama.cpp's get_rows), so the table never exists in float32."""
+    n, k = qw.shape
+    nb = k // BLOCK
+    rows = rows.reshape(-1).long()
+    panel, lane = rows // PANEL, rows % PANEL
+    if qw.bits == 8:
+        raw = qw.qweight.view(n // PANEL, nb, 8, PANEL, 4)[panel, :, :, lane, :].float()  # [T, nb, 8 quads, 4]
+    else:
+        raw = qw.qweight.view(n // PANEL, nb, 4, PANEL, 4)[panel, :, :, lane, :]
+        raw = torch.cat((raw & 0x0F, raw >> 4), dim=2).float()  # quads 0..3 (low nibbles), then 4..7
+    w = raw.reshape(-1, nb, BLOCK) * qw.scales.view(n // PANEL, nb, PANEL)[panel, :, lane].float()[..., None]
+    if qw.mins is not None:
+        w = w + qw.mins.view(n // PANEL, nb, PANEL)[panel, :, lane].float()[..., None]
+    return w.reshape(-1, k)
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:

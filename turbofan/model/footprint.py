@@ -40,16 +40,14 @@ def is_encoder(path: Path) -> bool:
     return any(a in ENCODER_ARCHITECTURES for a in archs)
 
 
-def _weight_bytes(path: Path, parameters: int, quantization: str | None) -> int:
-    manifest = read_manifest(path)
-    q = quantization or "none"
-    if q == "auto" and manifest is not None and manifest.format == "gguf" and manifest.original_size_bytes:
-        return int(manifest.original_size_bytes)  # served in the file's own 4/8-bit blocks
-    if q == "int8":
-        return parameters + parameters // 8
-    if q in ("int4", "int4_all"):
-        return parameters // 2 + parameters // 8
-    return parameters * 4  # float32 on the CPU
+def _weight_bytes(path: Path, quantization: str | None) -> int:
+    """The weights as they will be served: each tensor's bytes in the format the quantization plan gives it,
+    from the checkpoint's tensor table (no tensor is read)."""
+    from turbofan.model.checkpoint import open_checkpoint
+    from turbofan.model.quant import plan_for, planned_bytes
+
+    checkpoint = open_checkpoint(path)
+    return planned_bytes(checkpoint, plan_for(quantization or "none", checkpoint))
 
 
 def estimate(path: Path, config) -> Footprint:
@@ -57,15 +55,15 @@ def estimate(path: Path, config) -> Footprint:
     path = Path(path)
     cfg = read_json(path / "config.json")
     cfg = {**cfg, **(cfg.get("text_config") or {})}
-    parameters, _ = safetensors_stats(path)
     hidden = int(cfg.get("hidden_size") or 0)
     inter = int(cfg.get("intermediate_size") or 4 * hidden)
     vocab = int(cfg.get("vocab_size") or 0)
     if is_encoder(path):
+        parameters, _ = safetensors_stats(path)
         positions = int(cfg.get("max_position_embeddings") or 512)
         activations = 32 * positions * (inter + 4 * hidden) * 4  # a batch of 32 full-length texts
         return Footprint(parameters * 4, 0, RUNTIME_FIXED + activations)
-    weights = _weight_bytes(path, parameters, config.quantization)
+    weights = _weight_bytes(path, config.quantization)
     manifest = read_manifest(path)
     kv_itemsize = 2 if (manifest is not None and manifest.format == "gguf" and config.kv_cache_dtype == "auto") else 4
     if config.kv_cache_dtype in ("float16", "float32"):

@@ -161,7 +161,7 @@ class CausalLM(nn.Module):
 
     def use_fused_ops(self, on: bool) -> None:
         """Run norms, rotary embedding and gating as the own fused ops (float32 on CPU only)."""
-        on = on and self.embed.dtype == torch.float32 and self.embed.device.type == "cpu"
+        on = on and self.final_norm.dtype == torch.float32 and self.final_norm.device.type == "cpu"
         self.fused = on
         for layer in self.layers:
             layer.fused = on
@@ -173,7 +173,12 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Runs the flat batch through every layer and returns the final hidden states [T, hidden]."""
         vp = self.vocab_parallel
-        x = F.embedding(input_ids, self.embed) if vp is None else vp.embed(input_ids, self.embed)
+        if vp is not None:
+            x = vp.embed(input_ids, self.embed)
+        elif isinstance(self.embed, torch.Tensor):
+            x = F.embedding(input_ids, self.embed)
+        else:  # a quantized table (model/quant.py QuantLinear): dequantize only the rows looked up
+            x = self.embed.rows(input_ids)
         if self.args.embed_scale != 1.0:
             x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
         rope_of_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -199,6 +204,31 @@ class CausalLM(nn.Module):
             cos, sin = rope_of_layer[i]
             x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
         return rms_norm(x, self.final_norm, self.args.rms_norm_eps, self.fused)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident weight bytes by format ({"q4": ..., "q8": ..., "float32": ...}), a tied matrix counted once:
+        what /api/ps, /api/show and the dashboard report."""
+        seen: set[int] = set()
+        out: dict[str, int] = {}
+
+        def add(value) -> None:
+            key = value.data_ptr() if isinstance(value, torch.Tensor) else id(value)
+            if value is None or key in seen or (isinstance(value, torch.Tensor) and value.numel() == 0):
+                return
+            seen.add(key)
+            if isinstance(value, torch.Tensor):
+                key = str(value.dtype).removeprefix("torch.")
+                out[key] = out.get(key, 0) + value.numel() * value.element_size()
+            elif hasattr(value, "q"):
+                out[f"q{value.bits}"] = out.get(f"q{value.bits}", 0) + value.nbytes
+
+        for module in self.modules():
+            for value in vars(module).values():
+                if hasattr(value, "q") and hasattr(value, "bits"):
+                    add(value)
+            for p in module.parameters(recurse=False):
+                add(p)
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.lm_head)

@@ -14,6 +14,7 @@ from turbofan import kernels
 from turbofan.kernels import attention as attention_kernel
 from turbofan.model.attention import AttentionMetadata
 from turbofan.model.batch import ForwardBatch
+from turbofan.model.checkpoint import open_checkpoint
 from turbofan.model.layers import CausalLM, use_fused_ops
 from turbofan.model.loader import load_model
 from turbofan.model.quant import plan_for, quantize_model
@@ -75,12 +76,15 @@ class ModelRunner:
         sharding: Sharding | None = None,
     ):
         t0 = time.perf_counter()
-        self.model = load_model(model_path, dtype=dtype, device=device)
-        if sharding is not None:  # before quantizing: each rank quantizes its own slices
+        mode = quantization or "none"
+        if sharding is None:  # each matrix read straight into the format it is served in
+            self.model = load_model(model_path, dtype=dtype, device=device, quantization=mode)
+            # What is actually served, for /api/show, /api/ps and logs: "float32" or e.g. "q4: 90, q8: 31".
+            self.quantization = self.model.weights
+        else:  # each rank cuts its slices out of the float weights first, then quantizes them
+            self.model = load_model(model_path, dtype=dtype, device=device)
             sharding(self.model)
-        plan = plan_for(quantization or "none", Path(model_path), self.model)
-        # What is actually served, for /api/show, /api/ps and logs: "float32" or e.g. "q4: 90, q8: 31".
-        self.quantization = quantize_model(self.model, plan)
+            self.quantization = quantize_model(self.model, plan_for(mode, open_checkpoint(model_path)))
         self.model.use_fused_ops(use_fused_ops())
         log.info("weights served as %s (--quantization %s)", self.quantization, quantization or "none")
         self.load_seconds = time.perf_counter() - t0

@@ -173,6 +173,24 @@ class GGUFFile:
         rows = info.shape[:-1]
         return data.reshape(*rows, info.nbytes // max(prod(rows), 1))
 
+    def read(self, info: GGUFTensorInfo) -> np.ndarray:
+        """The stored bytes of a tensor read into memory (not mapped), shaped like ``raw``. Loading reads each
+        tensor once and drops it after repacking; reading through the map instead would leave the file's pages
+        in the process's resident set (VmHWM counts them) beside the repacked copy."""
+        rows = info.shape[:-1]
+        out = np.empty(info.nbytes, dtype=np.uint8)
+        with self.path.open("rb") as fh:
+            fh.seek(info.offset)
+            if fh.readinto(memoryview(out)) != info.nbytes:
+                raise UnsupportedFormatError(f"{self.path} is truncated: tensor {info.name} ends past the file")
+        return out.reshape(*rows, info.nbytes // max(prod(rows), 1))
+
+    def type_name(self, info: GGUFTensorInfo) -> str:
+        """The tensor's ggml type name: ``Q4_K``, ``F32`` ..."""
+        import gguf
+
+        return gguf.GGMLQuantizationType(info.ggml_type).name
+
     def dequantize(self, info: GGUFTensorInfo) -> np.ndarray:
         """A tensor as float32 in torch shape (a read-only view for tensors stored as F32)."""
         import gguf

@@ -81,3 +81,16 @@ def to_hf_layout(gguf_name: str, weights: np.ndarray, arch: str, n_head: int, n_
     if arch in _NORM_PLUS_ONE_ARCHS and gguf_name.endswith("norm.weight"):
         weights = weights - np.float32(1.0)
     return weights
+
+
+def layout_row_order(gguf_name: str, arch: str, rows: int, n_head: int, n_head_kv: int) -> np.ndarray | None:
+    """The row order that takes a stored tensor to HF layout (``to_hf_layout``'s permutation, as indices into the
+    stored rows), or None where the rows stay in place. Rows are whole quantized blocks, so a quantized tensor is
+    reordered without dequantizing it."""
+    if arch != "llama":
+        return None
+    if ".attn_q." in gguf_name:
+        return reverse_llama_permute(np.arange(rows), n_head)
+    if ".attn_k." in gguf_name:
+        return reverse_llama_permute(np.arange(rows), n_head_kv)
+    return None

@@ -1,9 +1,12 @@
 """``ModelStore``: named models on disk, and turning any model argument into an HF-style directory.
 
 A model argument is one of: a catalogue name (``smollm2:135m``, ``smollm2``), a name already in the
-store, a local HF directory (used in place), a ``.gguf`` file (converted once into the store) or a
-hub repository ``org/name`` (downloaded once). Everything lands as a directory holding config.json,
-model.safetensors, tokenizer files and ``turbofan.json``, so later starts work offline and fast."""
+store, a local HF directory (used in place), a ``.gguf`` file (imported once into the store) or a
+hub repository ``org/name`` (downloaded once). Everything lands as a directory holding its weights as
+pulled (the GGUF file itself, or the safetensors files), config.json, tokenizer files and
+``turbofan.json``, so later starts work offline and fast; no float32 copy is ever written. Entries
+written by older versions (a float32 ``model.safetensors`` beside the GGUF) are migrated when found:
+the copy is deleted and the manifest rewritten."""
 
 from __future__ import annotations
 
@@ -77,6 +80,28 @@ def describe_hf_dir(path: Path, name: str, source: str) -> Manifest:
     )
 
 
+def migrate_float32_copy(directory: Path, manifest: Manifest) -> Manifest:
+    """Drop the float32 ``model.safetensors`` that versions before the GGUF-native store wrote beside a GGUF, and
+    rewrite the manifest: the GGUF is the weights now. Returns the manifest in force (unchanged where there is
+    nothing to drop, or where the store is read-only: the entry then still loads from its GGUF)."""
+    copy = directory / "model.safetensors"
+    gguf_name = manifest.gguf_file or manifest.original_file
+    if manifest.format != "gguf" or not copy.is_file() or not gguf_name or not (directory / gguf_name).is_file():
+        return manifest
+    freed = copy.stat().st_size
+    try:
+        copy.unlink()
+        manifest.gguf_file, manifest.dtype = gguf_name, "gguf"
+        manifest.size_bytes = dir_size(directory) - (directory / MANIFEST_NAME).stat().st_size
+        manifest.write(directory)
+    except OSError as exc:
+        log.warning("could not drop the float32 copy in %s: %s", directory, exc)
+        return manifest
+    log.info("migrated %s to the GGUF-native store: dropped its float32 copy (%.2f GB freed)", manifest.name,
+             freed / 1e9)
+    return manifest
+
+
 class ModelStore:
     """Named models under ``root`` (one directory each), plus resolution of any model argument."""
 
@@ -138,6 +163,7 @@ class ModelStore:
         for directory in self._model_dirs():
             manifest = read_manifest(directory)
             if manifest is not None:
+                manifest = migrate_float32_copy(directory, manifest)
                 entries.append(StoreEntry.from_manifest(directory, manifest))
         return sorted(entries, key=lambda e: e.name)
 
@@ -202,6 +228,7 @@ class ModelStore:
         for directory in candidates:
             manifest = read_manifest(directory)
             if manifest is not None and manifest.name.lower() == name.lower():
+                manifest = migrate_float32_copy(directory, manifest)
                 return ResolvedModel(manifest.name, directory, manifest.source, manifest.digest, manifest)
         return None
 
@@ -228,6 +255,10 @@ class ModelStore:
                     f"{path}: turbofan loads a .gguf file or an HF directory with safetensors, not {path.suffix or 'this file'}"
                 )
             return self._resolve_gguf_file(path, pull_missing=pull_missing, progress=progress, force=force)
+        manifest = read_manifest(path)
+        if manifest is not None and manifest.format == "gguf":  # a GGUF store directory passed by path
+            manifest = migrate_float32_copy(path, manifest)
+            return ResolvedModel(manifest.name, path, manifest.source, manifest.digest, manifest)
         if not safetensors_files(path):
             ggufs = sorted(path.glob("*.gguf"))
             has_pickles = any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.iterdir())
@@ -253,7 +284,8 @@ class ModelStore:
             raise ModelNotFoundError(f"{path} has not been converted into the store yet")
 
         def build(tmp: Path) -> Manifest:
-            manifest = self._convert(path, tmp, name=name, source=f"file:{path}", progress=progress)
+            link_or_copy(path, tmp / path.name)  # a hard link where the file system allows: no second copy
+            manifest = self._import_gguf(tmp / path.name, tmp, name=name, source=f"file:{path}", progress=progress)
             manifest.extra["import_key"] = key
             return manifest
 
@@ -339,10 +371,9 @@ class ModelStore:
                 )
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            manifest = self._convert(
+            manifest = self._import_gguf(
                 gguf_path, tmp, name=entry.name, source=source.describe(), progress=progress
             )
-            manifest.gguf_file = gguf_path.name
             manifest.description = entry.description
             return manifest
 
@@ -366,13 +397,14 @@ class ModelStore:
 
         return self._install(entry.name, build, force=force)
 
-    def _convert(
+    def _import_gguf(
         self, gguf_path: Path, out_dir: Path, *, name: str, source: str, progress: Progress
     ) -> Manifest:
-        from .gguf_convert import convert_gguf
+        """The manifest of a GGUF already placed in ``out_dir``, after writing its config and tokenizer there."""
+        from .gguf_import import import_gguf
 
         digest = file_sha256(gguf_path)
-        conv = convert_gguf(gguf_path, out_dir, progress=progress)
+        conv = import_gguf(gguf_path, out_dir, progress=progress)
         return Manifest(
             name=name,
             source=source,
@@ -383,11 +415,12 @@ class ModelStore:
             parameters=conv.parameters,
             context_length=conv.context_length,
             quantization=conv.quantization,
-            dtype="float32",
+            dtype="gguf",
             size_bytes=0,
             digest=digest,
             original_file=gguf_path.name,
             original_size_bytes=gguf_path.stat().st_size,
+            gguf_file=gguf_path.name,
             license=conv.license,
             has_chat_template=conv.has_chat_template,
         )

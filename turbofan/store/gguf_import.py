@@ -1,9 +1,10 @@
-"""GGUF file -> HF-style directory (config.json, float32 model.safetensors, tokenizer files).
+"""A GGUF file -> the small files beside it in the store (config.json, generation_config.json, tokenizer files).
 
-Dequantizing once at pull time and keeping float32 safetensors lets every later start memory-map
-the weights (fast start) and lets turbofan's model code and transformers load the same files. The
-config follows transformers' GGUF metadata mapping and the tokenizer is converted by transformers
-itself, so the directory behaves like transformers loading the GGUF (the correctness reference)."""
+The store keeps what was pulled: the GGUF stays the weights (turbofan's loader repacks its quantized blocks at
+load time, model/checkpoint.py), and nothing here reads a tensor's values, so importing a multi-gigabyte file
+takes the memory of its metadata. The config follows transformers' GGUF metadata mapping and the tokenizer is
+converted by transformers itself, so the directory behaves like transformers loading the GGUF (the correctness
+reference)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from .errors import ConversionError, UnsupportedArchitectureError
 from .gguf_reader import GGUFFile
-from .gguf_tensors import SKIPPED_TENSORS, SUPPORTED_GGUF_ARCHS, hf_tensor_name, to_hf_layout
+from .gguf_tensors import SKIPPED_TENSORS, SUPPORTED_GGUF_ARCHS, hf_tensor_name
 from .progress import Progress, Reporter
 
 log = logging.getLogger("turbofan.store")
@@ -135,33 +137,21 @@ def build_config(gf: GGUFFile):
     return config
 
 
-def dequantize_tensors(
-    gf: GGUFFile, n_head: int, n_head_kv: int, progress: Progress = True
-) -> dict[str, Any]:
-    """Every GGUF tensor as a contiguous, writable float32 torch tensor under its HF name."""
-    import torch
-
+def tensor_shapes(gf: GGUFFile) -> dict[str, tuple[int, ...]]:
+    """Every GGUF tensor's Hugging Face name and torch shape, from the tensor table alone."""
     arch = gf.architecture
-    tensors: dict[str, torch.Tensor] = {}
-    report = Reporter.of(progress)
-    for info in report.iterate(gf.tensors, desc=f"converting {gf.path.name}", unit="tensor"):
+    shapes: dict[str, tuple[int, ...]] = {}
+    for info in gf.tensors:
         if info.name in SKIPPED_TENSORS:
             continue
         hf_name = hf_tensor_name(info.name, arch)
         if hf_name is None:
             raise ConversionError(f"GGUF tensor {info.name!r} ({arch}) has no Hugging Face counterpart")
-        try:
-            values = gf.dequantize(info)
-        except NotImplementedError as exc:
-            raise ConversionError(
-                f"cannot dequantize {info.name} (ggml type {info.ggml_type}): {exc}"
-            ) from exc
-        values = to_hf_layout(info.name, values, arch, n_head, n_head_kv)
-        tensors[hf_name] = torch.from_numpy(np.require(values, np.float32, ["C", "W", "O"]))
-    return tensors
+        shapes[hf_name] = tuple(info.shape)
+    return shapes
 
 
-def check_against_model(config, tensors: dict[str, Any]) -> None:
+def check_against_model(config, shapes: dict[str, tuple[int, ...]]) -> None:
     """Compare names and shapes with the transformers model built on the meta device (no memory)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -171,19 +161,19 @@ def check_against_model(config, tensors: dict[str, Any]) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k])
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if shapes[k] != expected[k])
     problems = []
     if missing:
         problems.append(f"missing {missing[:5]}")
     if unexpected:
         problems.append(f"unexpected {unexpected[:5]}")
     if wrong:
-        problems.append(f"wrong shapes {[(k, tuple(tensors[k].shape), expected[k]) for k in wrong[:5]]}")
+        problems.append(f"wrong shapes {[(k, shapes[k], expected[k]) for k in wrong[:5]]}")
     if problems:
         raise ConversionError(
-            f"converted tensors do not fit {config.architectures[0]}: {'; '.join(problems)}"
+            f"GGUF tensors do not fit {config.architectures[0]}: {'; '.join(problems)}"
         )
 
 
@@ -241,32 +231,22 @@ def write_generation_config(gf: GGUFFile, out_dir: Path, config) -> None:
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
 
 
-def convert_gguf(
+def import_gguf(
     path: Path | str, out_dir: Path | str, *, progress: Progress = True, tokenizer: bool = True
 ) -> GGUFConversion:
-    """Convert a GGUF file into the HF-style directory ``out_dir`` (created if needed).
-
-    Writes config.json, model.safetensors (float32, HF names), generation_config.json and, unless
-    ``tokenizer`` is False, tokenizer.json and tokenizer_config.json."""
-    from safetensors.torch import save_file
-
+    """Write the files turbofan and transformers need beside a GGUF into ``out_dir`` (created if needed):
+    config.json, generation_config.json and, unless ``tokenizer`` is False, tokenizer.json and
+    tokenizer_config.json. The weights stay in the GGUF; no tensor is read."""
     path, out_dir = Path(path), Path(out_dir)
     report = Reporter.of(progress)
     start = time.perf_counter()
     gf = GGUFFile(path)
     arch = check_architecture(gf)
     config = build_config(gf)
-    n_head = int(config.num_attention_heads)
-    n_head_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
-    tensors = dequantize_tensors(gf, n_head, n_head_kv, report)
-    check_against_model(config, tensors)
-    parameters = sum(int(t.numel()) for t in tensors.values())
+    shapes = tensor_shapes(gf)
+    check_against_model(config, shapes)
+    parameters = sum(prod(s) for s in shapes.values())
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "model.safetensors"
-    report.status("writing model.safetensors")
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    weights.chmod(0o644)
-    del tensors
     config.save_pretrained(str(out_dir))
     context_length = gf.get(f"{arch}.context_length")
     write_generation_config(gf, out_dir, config)
@@ -275,7 +255,7 @@ def convert_gguf(
         report.status("converting the tokenizer")
         has_template = write_tokenizer(gf, out_dir, context_length)
     seconds = time.perf_counter() - start
-    log.info("converted %s (%s, %d tensors) in %.1f s", path.name, arch, len(gf.tensors), seconds)
+    log.info("imported %s (%s, %d tensors) in %.1f s", path.name, arch, len(gf.tensors), seconds)
     return GGUFConversion(
         gguf_arch=arch,
         architecture=config.architectures[0],

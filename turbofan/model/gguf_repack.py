@@ -1,0 +1,131 @@
+"""GGUF quantized blocks -> turbofan's q4/q8 kernel formats, without a float32 copy of the tensor.
+
+Where turbofan's format holds the file's grid, the codes are carried over unchanged:
+- Q4_0 (w = d * (q - 8)) and Q4_1 (w = d * q + m) -> q4 with the file's own float16 d and m: exact.
+- Q4_K (super-blocks of 256: w = d * sc_j * q - dmin * m_j per sub-block j of 32) -> q4 with the same codes and
+  each sub-block's scale and min rounded once to float16 (the kernel's scale type; relative error <= 2^-11).
+- Q8_0 (w = d * q) -> q8 with the same codes and d: exact (a block using the code -128, which llama.cpp's
+  quantizer never writes, goes the general way).
+Every other type (Q5_x, Q6_K, IQ*, F16 ...) and every mixed fusion is dequantized a slice of rows at a time and
+re-quantized to the planned format (`quantize`), so the float32 working set is one slice, never the tensor.
+
+The C++ op `turbofan::gguf_repack` (kernels/gguf_repack.cpp) does the same in one pass over the file's bytes (a
+1.5B model in about a second instead of half a minute) for the common types; this module is its reference (the
+tests require identical bytes) and the path for the rest, or where the kernels cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from turbofan.kernels.quant import PANEL, QuantizedWeight, concat, pack, quantize
+
+_Q4_K_BLOCK = 144  # bytes of one 256-weight Q4_K super-block
+SLICE_ELEMENTS = 1 << 24  # weights per slice of rows: 64 MiB of float32 at most on the general path
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 stored at byte `start` of every block [..., bytes] -> [...] (float16)."""
+    return np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] packed bytes -> [..., 32] codes: element j in the low nibble of byte j, j + 16 in the high one."""
+    return np.concatenate((qs & 0x0F, qs >> 4), axis=-1)
+
+
+def _q4_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    blocks = raw.reshape(raw.shape[0], -1, 18)
+    d = _f16(blocks, 0)
+    return _nibbles(blocks[..., 2:]), d, (d.astype(np.float32) * -8).astype(np.float16)
+
+
+def _q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    blocks = raw.reshape(raw.shape[0], -1, 20)
+    return _nibbles(blocks[..., 4:]), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from gguf.quants import Q4_K
+
+    n = raw.shape[0]
+    blocks = raw.reshape(-1, _Q4_K_BLOCK)
+    d = _f16(blocks, 0).astype(np.float32)[:, None]
+    dmin = _f16(blocks, 2).astype(np.float32)[:, None]
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # [blocks, 8] 6-bit each
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    codes = (qs & 0x0F).reshape(n, -1, 32)  # sub-block 2j: low nibbles of qs[32j:32j+32]; 2j+1: high nibbles
+    scales = (d * sc.astype(np.float32)).astype(np.float16).reshape(n, -1)
+    mins = (-(dmin * m.astype(np.float32))).astype(np.float16).reshape(n, -1)
+    return codes, scales, mins
+
+
+_Q4_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
+
+
+def _q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    blocks = raw.reshape(raw.shape[0], -1, 34)
+    codes = blocks[..., 2:].view(np.int8)
+    if (codes == -128).any():
+        return None
+    return codes, _f16(blocks, 0)
+
+
+def carries_grid(type_name: str, bits: int) -> bool:
+    """Whether a tensor of this ggml type is repacked into `bits` with its own codes (no re-quantization)."""
+    return (bits == 4 and type_name in _Q4_DECODERS) or (bits == 8 and type_name == "Q8_0")
+
+
+def _slice_rows(k: int) -> int:
+    return max(PANEL, SLICE_ELEMENTS // max(k, 1) // PANEL * PANEL)
+
+
+def _direct(raw: np.ndarray, type_name: str, bits: int) -> QuantizedWeight | None:
+    if bits == 4 and type_name in _Q4_DECODERS:
+        codes, scales, mins = _Q4_DECODERS[type_name](raw)
+        return pack(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins), 4)
+    if bits == 8 and type_name == "Q8_0":
+        decoded = _q8_0(raw)
+        if decoded is not None:
+            return pack(torch.from_numpy(np.ascontiguousarray(decoded[0])), torch.from_numpy(decoded[1]), None, 8)
+    return None
+
+
+# ggml types the C++ op decodes (kernels/gguf_repack.cpp); q4 it makes from the 4-bit ones only.
+KERNEL_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
+
+
+def repack(raw: np.ndarray, type_name: str, shape: tuple[int, int], bits: int, use_kernel: bool = True) -> QuantizedWeight:
+    """A GGUF tensor's stored bytes `raw` [N, bytes per row] (ggml type `type_name`, torch shape [N, K]) in
+    turbofan's `bits` format: by the C++ op where it decodes the type, else in slices of rows here."""
+    from gguf import GGMLQuantizationType
+
+    from turbofan import kernels
+
+    kernel_ok = type_name in KERNEL_TYPES and (bits == 8 or type_name in _Q4_DECODERS)
+    if use_kernel and kernel_ok and kernels.available():
+        qweight, scales, mins, wsum = torch.ops.turbofan.gguf_repack(
+            torch.from_numpy(np.ascontiguousarray(raw)), GGMLQuantizationType[type_name].value, shape[1], bits
+        )
+        return QuantizedWeight(bits, qweight, scales, mins if bits == 4 else None, wsum if bits == 8 else None)
+    return reference_repack(raw, type_name, shape, bits)
+
+
+def reference_repack(raw: np.ndarray, type_name: str, shape: tuple[int, int], bits: int) -> QuantizedWeight:
+    """The same in numpy and PyTorch, a slice of rows at a time: the yardstick for the C++ op."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    n, k = shape
+    step = _slice_rows(k)
+    parts = []
+    qtype = GGMLQuantizationType[type_name]
+    for start in range(0, n, step):
+        rows = raw[start : start + step]
+        q = _direct(rows, type_name, bits)
+        if q is None:
+            values = np.asarray(dequantize(rows, qtype), dtype=np.float32).reshape(rows.shape[0], k)
+            q = quantize(torch.from_numpy(values), bits)
+        parts.append(q)
+    return parts[0] if len(parts) == 1 else concat(parts)
