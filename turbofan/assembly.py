@@ -57,7 +57,30 @@ def compile_cache_dir(config: EngineConfig) -> Path:
     return Path(root) / ".compile-cache" / torch.backends.cpu.get_cpu_capability().lower()
 
 
+def memory_preflight(config: EngineConfig, model_path: Path) -> None:
+    """Refuse a model that cannot fit before loading any of it, with the numbers: its weights as they will be
+    served, its KV cache and a runtime allowance (model/footprint.py) against the memory available now."""
+    if config.resolved_device != "cpu":
+        return
+    import psutil
+
+    from turbofan.model.footprint import estimate
+
+    need = estimate(model_path, config)
+    available = psutil.virtual_memory().available
+    gib = 1 << 30
+    log.info("memory preflight", extra={"model": str(model_path.name), "need_gib": round(need.total / gib, 3),
+                                        "available_gib": round(available / gib, 3), "parts": need.describe()})
+    if need.total > available:
+        raise MemoryError(
+            f"{model_path.name} needs {need.total / gib:.2f} GiB of memory ({need.describe()}) but "
+            f"{available / gib:.2f} GiB is available: free memory, or use a smaller KV cache (--kv-cache-memory), "
+            "a smaller model or a lower-bit quantization"
+        )
+
+
 def _runner(config: EngineConfig, model_path: Path) -> ModelRunner:
+    memory_preflight(config, model_path)
     if config.device == "auto":
         import torch
 

@@ -41,9 +41,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM: file pages it mapped count too, as for llama-server's mmap)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Server:
+    """A started server: its URL, process, and when it began and first answered."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, started: float) -> None:
+        self.url, self.proc, self.started = url, proc, started
+        self.first_answer_s = float("nan")
+
+    def first_answer(self, model: str) -> float:
+        """Seconds from the spawn to the end of a first 1-token completion (the start a user waits through)."""
+        httpx.post(f"{self.url}/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1},
+                   timeout=600).raise_for_status()  # fmt: skip
+        self.first_answer_s = time.perf_counter() - self.started
+        return self.first_answer_s
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib(self.proc.pid)
+
+
 @contextmanager
 def running(cmd: list[str], port: int, log_path: str, timeout: float = 600):
     log = open(log_path, "w")  # noqa: SIM115 (closed below)
+    started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + timeout
@@ -58,7 +88,7 @@ def running(cmd: list[str], port: int, log_path: str, timeout: float = 600):
             time.sleep(0.5)
         else:
             raise RuntimeError(f"{cmd[0]} did not become healthy in {timeout} s; see {log_path}")
-        yield f"http://127.0.0.1:{port}"
+        yield Server(f"http://127.0.0.1:{port}", proc, started)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -144,7 +174,8 @@ def served_vs_offline(model: str, workloads: list[Workload], tokenizer: str, bia
     offline = Offline(model, workloads, tokenizer, bias)
     port = free_port()
     rows = []
-    with running([*serve_cmd, "--host", "127.0.0.1", "--port", str(port)], port, "/tmp/compare-served.log") as url:
+    with running([*serve_cmd, "--host", "127.0.0.1", "--port", str(port)], port, "/tmp/compare-served.log") as srv:
+        url = srv.url
         runs: dict[str, list[tuple[float, float]]] = {w.name: [] for w in workloads}
         for r in range(rounds):
             for w in workloads:
@@ -161,6 +192,10 @@ def served_vs_offline(model: str, workloads: list[Workload], tokenizer: str, bia
     return rows
 
 
+def _rss(rows: list[dict]) -> float:
+    return median(r.get("peak_rss_mib", float("nan")) for r in rows) if rows else float("nan")
+
+
 def parse_plan(plan: str) -> list[tuple[str, list[Workload]]]:
     out = []
     for part in plan.split(";"):
@@ -174,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--llama-server", required=True)
     p.add_argument("--plan", default=DEFAULT_PLAN, help=f"model=workload,...;... (workloads: {', '.join(WORKLOADS)})")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--extra", default="", help="extra flags for turbofan serve")
+    p.add_argument("--extra", default="", help="extra flags for turbofan serve (e.g. --kv-cache-memory 0.5GiB)")
+    p.add_argument("--llama-ctx", type=int, default=32768, help="llama-server -c (its KV cache: ctx tokens)")
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--reference", default=None, help="llama-server results (a --json file) instead of running it")
     p.add_argument("--rounds", type=int, default=1, help="rounds of the servers taking turns (medians reported)")
@@ -200,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             "turbofan": [sys.executable, "-m", "turbofan.cli", "serve", model, "--max-num-seqs", "64",
                          *shlex.split(args.extra)],
             "llama-server": [args.llama_server, "-m", gguf, "-t", str(args.threads), "-tb", str(args.threads),
-                             "-np", "16", "-c", "32768", "-cb"],
+                             "-np", "16", "-c", str(args.llama_ctx), "-cb"],
         }  # fmt: skip
         if args.reference:
             del servers["llama-server"]
@@ -208,18 +244,27 @@ def main(argv: list[str] | None = None) -> None:
             for name, cmd in servers.items():
                 port = free_port()
                 cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
-                with running(cmd, port, f"/tmp/compare-{name}.log") as url:
+                with running(cmd, port, f"/tmp/compare-{name}.log") as srv:
+                    srv.first_answer(model)
+                    rows = []
                     for w in workloads:
-                        r = bench(url, w, tokenizer, bias)
-                        results.append({**r, "model": model, "server": name, "workload": w.name, "round": round_})
+                        r = bench(srv.url, w, tokenizer, bias)
+                        rows.append({**r, "model": model, "server": name, "workload": w.name, "round": round_})
                         print(f"{model:<14} {name:<13} {w.name:<5} {r['output_throughput']:7.1f} tok/s  "
                               f"TTFT p50 {r['ttft_ms']['p50']:7.0f} ms  TPOT p50 {r['tpot_ms']['p50']:6.1f} ms", flush=True)  # fmt: skip
+                    rss = srv.peak_rss_mib()
+                    for r in rows:  # the server's peak over all its workloads, and its start
+                        r.update(peak_rss_mib=rss, first_answer_s=srv.first_answer_s)
+                    results += rows
+                    print(f"{model:<14} {name:<13} peak RSS {rss:7.0f} MiB  start to first answer "
+                          f"{srv.first_answer_s:5.1f} s", flush=True)
         if args.offline_rounds:
             offline_rows += served_vs_offline(model, workloads, tokenizer, bias, servers["turbofan"],
                                               args.offline_rounds)  # fmt: skip
     print()
-    print("| model | workload | turbofan tok/s | llama-server tok/s | ratio | TTFT p50 turbofan / llama (ms) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | workload | turbofan tok/s | llama-server tok/s | ratio | TTFT p50 turbofan / llama (ms) "
+          "| peak RSS MiB turbofan / llama (ratio) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for model, workloads in plan:
         for w in workloads:
             t, ll = (
@@ -232,7 +277,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {model} | {w.name} ({w.num_prompts} x {w.output_len}, c={w.concurrency}, in {w.input_len}) | "
                   f"{median(tok[0]):.1f} | {median(tok[1]):.1f} | {median(ratios):.2f}x"
                   f"{' (rounds: ' + ', '.join(f'{x:.2f}' for x in ratios) + ')' if len(ratios) > 1 else ''} | "
-                  f"{median(r['ttft_ms']['p50'] for r in t):.0f} / {median(r['ttft_ms']['p50'] for r in ll):.0f} |")  # fmt: skip
+                  f"{median(r['ttft_ms']['p50'] for r in t):.0f} / {median(r['ttft_ms']['p50'] for r in ll):.0f} | "
+                  f"{_rss(t):.0f} / {_rss(ll):.0f} ({_rss(t) / _rss(ll):.2f}x) |")  # fmt: skip
+    for model, _ in plan:
+        t, ll = ([r for r in results if r["model"] == model and r["server"] == s] for s in ("turbofan", "llama-server"))
+        if t and ll:
+            print(f"{model}: start to first answer {median(r['first_answer_s'] for r in t):.1f} s (turbofan) / "
+                  f"{median(r['first_answer_s'] for r in ll):.1f} s (llama-server)")
     if offline_rows:
         print()
         print("| model | workload | served tok/s | offline tok/s | served / offline (median of rounds) |")

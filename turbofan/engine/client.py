@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,8 +35,9 @@ class ModelInfo:
     dtype: str
     architecture: str
     quantization: str
-    weights_bytes: int
+    weights_bytes: int  # resident, every format together
     kv_cache_bytes: int
+    weights_by_format: dict[str, int] = field(default_factory=dict)  # {"q4": ..., "q8": ..., "float32": ...}
 
 
 class EngineClient(ABC):

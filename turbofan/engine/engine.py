@@ -236,8 +236,8 @@ class Engine:
     def model_info(self) -> ModelInfo:
         runner = self.runner
         model = runner.model
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        weights += sum(b.numel() * b.element_size() for b in model.buffers())
+        by_format = model.weight_bytes()  # quantized matrices too (they are not Parameters), a tied head once
+        weights = sum(by_format.values()) + sum(b.numel() * b.element_size() for b in model.buffers())
         return ModelInfo(
             name=self.model_name,
             root=str(self.config.model),
@@ -251,6 +251,7 @@ class Engine:
             quantization=str(getattr(runner, "quantization", "")),
             weights_bytes=weights,
             kv_cache_bytes=int(runner.kv_cache_bytes),
+            weights_by_format=by_format,
         )
 
     def tiers(self) -> dict:

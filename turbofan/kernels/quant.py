@@ -34,7 +34,25 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
+        parts = (self.qweight, self.scales, self.mins, self.wsum)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def assign_panels(self, first: int, part: QuantizedWeight) -> None:
+        """Copy `part`'s panels into this weight from panel `first` on (a matrix filled slice by slice)."""
+        for mine, theirs in zip((self.qweight, self.scales, self.mins, self.wsum),
+                                (part.qweight, part.scales, part.mins, part.wsum)):  # fmt: skip
+            if mine is not None:
+                mine[first : first + theirs.shape[0]].copy_(theirs)
+
+
+def allocate(n: int, k: int, bits: int) -> QuantizedWeight:
+    """An uninitialised [n, k] weight in the `bits` format, to be filled by `assign_panels`."""
+    panels, nb = n // PANEL, k // BLOCK
+    qweight = torch.empty(panels, nb * (256 if bits == 4 else 512), dtype=torch.uint8 if bits == 4 else torch.int8)
+    scales = torch.empty(panels, nb * PANEL, dtype=torch.float16)
+    mins = torch.empty_like(scales) if bits == 4 else None
+    wsum = torch.empty(panels, nb * PANEL, dtype=torch.int32) if bits == 8 else None
+    return QuantizedWeight(bits, qweight, scales, mins, wsum)
 
 
 def quantizable(weight: torch.Tensor) -> bool:

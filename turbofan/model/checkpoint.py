@@ -165,14 +165,26 @@ class GGUFCheckpoint:
         return torch.from_numpy(np.require(values, np.float32, ["C", "W", "O"]))
 
     def quantized(self, ref: TensorRef, bits: int) -> QuantizedWeight:
-        from turbofan.model.gguf_repack import repack
+        """Repacked a slice of rows at a time into preallocated panels, so a large matrix (an LM head) costs its
+        final size plus one slice, not plus its stored bytes."""
+        from turbofan.kernels.quant import PANEL, allocate
+        from turbofan.model.gguf_repack import SLICE_ELEMENTS, repack
         from turbofan.store.gguf_tensors import layout_row_order
 
-        raw = self.gguf.read(self._info[ref.source])
+        info = self._info[ref.source]
         order = layout_row_order(ref.source, self.gguf.architecture, ref.shape[0], self._n_head, self._n_head_kv)
         if order is not None:  # llama.cpp permuted these rows for its rotary layout: undo it on the stored rows
-            raw = raw[order]
-        return repack(raw, ref.type_name, ref.shape, bits)
+            return repack(self.gguf.read(info)[order], ref.type_name, ref.shape, bits)
+        n, k = ref.shape
+        step = max(PANEL, SLICE_ELEMENTS // k // PANEL * PANEL)
+        if step >= n:
+            return repack(self.gguf.read(info), ref.type_name, ref.shape, bits)
+        out = allocate(n, k, bits)
+        for start in range(0, n, step):
+            part = repack(self.gguf.read(info, slice(start, start + step)), ref.type_name,
+                          (min(step, n - start), k), bits)  # fmt: skip
+            out.assign_panels(start // PANEL, part)
+        return out
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -173,17 +173,21 @@ class GGUFFile:
         rows = info.shape[:-1]
         return data.reshape(*rows, info.nbytes // max(prod(rows), 1))
 
-    def read(self, info: GGUFTensorInfo) -> np.ndarray:
-        """The stored bytes of a tensor read into memory (not mapped), shaped like ``raw``. Loading reads each
-        tensor once and drops it after repacking; reading through the map instead would leave the file's pages
-        in the process's resident set (VmHWM counts them) beside the repacked copy."""
-        rows = info.shape[:-1]
-        out = np.empty(info.nbytes, dtype=np.uint8)
+    def read(self, info: GGUFTensorInfo, rows: slice | None = None) -> np.ndarray:
+        """The stored bytes of a tensor (or of the rows ``rows`` of a 2-D one) read into memory (not mapped),
+        shaped [rows, bytes per row]. Loading reads each slice once and drops it after repacking; reading through
+        the map instead would leave the file's pages in the process's resident set (VmHWM counts them) beside the
+        repacked copy."""
+        lead = info.shape[:-1]
+        row_bytes = info.nbytes // max(prod(lead), 1)
+        start, stop = (0, prod(lead)) if rows is None else (rows.start, min(rows.stop, prod(lead)))
+        nbytes = (stop - start) * row_bytes
+        out = np.empty(nbytes, dtype=np.uint8)
         with self.path.open("rb") as fh:
-            fh.seek(info.offset)
-            if fh.readinto(memoryview(out)) != info.nbytes:
+            fh.seek(info.offset + start * row_bytes)
+            if fh.readinto(memoryview(out)) != nbytes:
                 raise UnsupportedFormatError(f"{self.path} is truncated: tensor {info.name} ends past the file")
-        return out.reshape(*rows, info.nbytes // max(prod(rows), 1))
+        return out.reshape(*lead, row_bytes) if rows is None else out.reshape(stop - start, row_bytes)
 
     def type_name(self, info: GGUFTensorInfo) -> str:
         """The tensor's ggml type name: ``Q4_K``, ``F32`` ..."""

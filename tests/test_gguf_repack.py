@@ -1,0 +1,107 @@
+"""GGUF blocks -> turbofan's q4/q8 panels: the C++ op against its Python reference, byte for byte, for every ggml
+type it decodes; exactness where the format keeps the file's grid; the embedding lookup of a quantized table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from turbofan import kernels
+from turbofan.kernels.quant import dequantize, dequantize_rows, quantize
+from turbofan.model.gguf_repack import reference_repack, repack
+
+N, K = 48, 512  # 3 panels, 2 super-blocks of 256 per row
+_K_QUANTS = {"Q4_K": (144, ((0, 0.004), (2, 0.002))), "Q5_K": (176, ((0, 0.003), (2, 0.002))),
+             "Q6_K": (210, ((208, 0.0005),))}  # fmt: skip
+
+
+def gguf_bytes(type_name: str, seed: int = 0) -> np.ndarray:
+    """[N, bytes per row] of a tensor stored as `type_name`: gguf-py's own quantizer where it has one, else random
+    blocks with sane float16 scales (random bytes there would be NaNs)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    if type_name in _K_QUANTS:
+        nbytes, fields = _K_QUANTS[type_name]
+        raw = rng.integers(0, 256, size=(N, K // 256, nbytes), dtype=np.uint8)
+        for offset, value in fields:
+            raw[..., offset : offset + 2] = np.frombuffer(np.float16(value).tobytes(), dtype=np.uint8)
+        return raw.reshape(N, -1)
+    values = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+    if type_name == "F32":
+        return values.view(np.uint8)
+    if type_name == "F16":
+        return values.astype(np.float16).view(np.uint8)
+    return gguf.quants.quantize(values, qtype)
+
+
+def _same(a, b) -> bool:
+    return all(
+        (x is None and y is None) or torch.equal(x, y)
+        for x, y in zip((a.qweight, a.scales, a.mins, a.wsum), (b.qweight, b.scales, b.mins, b.wsum))
+    )
+
+
+def _dequantized(raw: np.ndarray, type_name: str) -> torch.Tensor:
+    import gguf
+
+    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])
+    return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(N, K))
+
+
+TYPES_8 = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernels")
+@pytest.mark.parametrize(("type_name", "bits"), [(t, 8) for t in TYPES_8] + [(t, 4) for t in ("Q4_0", "Q4_1", "Q4_K")])
+def test_kernel_repack_is_the_reference_byte_for_byte(type_name, bits):
+    if type_name == "BF16":
+        import gguf
+
+        raw = gguf.quants.quantize((np.random.default_rng(1).standard_normal((N, K)) * 0.05).astype(np.float32),
+                                   gguf.GGMLQuantizationType.BF16)  # fmt: skip
+    else:
+        raw = gguf_bytes(type_name)
+    ours = repack(raw, type_name, (N, K), bits)
+    assert _same(ours, reference_repack(raw, type_name, (N, K), bits))
+    assert _same(ours, quantize(_dequantized(raw, type_name), bits)) or bits == 4  # q8: the float path exactly
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_legacy_4bit_types_are_carried_exactly(type_name):
+    raw = gguf_bytes(type_name)
+    assert torch.equal(dequantize(repack(raw, type_name, (N, K), 4)), _dequantized(raw, type_name))
+
+
+def test_q8_0_is_carried_exactly():
+    raw = gguf_bytes("Q8_0")
+    q = repack(raw, "Q8_0", (N, K), 8)
+    assert torch.equal(dequantize(q), _dequantized(raw, "Q8_0"))
+
+
+def test_q4_k_keeps_its_codes_and_rounds_only_the_scales():
+    """Q4_K's sub-block scale d * sc and min dmin * m become float16 (the q4 format's scale type): the codes are
+    the file's, and each value is off by at most that rounding (2^-11 relative, times the largest code)."""
+    raw = gguf_bytes("Q4_K")
+    ref = _dequantized(raw, "Q4_K")
+    got = dequantize(repack(raw, "Q4_K", (N, K), 4))
+    blocks = ref.reshape(N, K // 32, 32)
+    span = blocks.abs().amax(-1, keepdim=True)
+    assert bool(((got.reshape(N, K // 32, 32) - blocks).abs() <= span * 16 * 2.0**-11 + 1e-7).all())
+
+
+def test_a_mixed_fusion_requantizes_from_floats():
+    """A Q6_K tensor in a q4 plan (int4 on a Q4_K_M file) goes the float way: dequantize, quantize to 4 bits."""
+    raw = gguf_bytes("Q6_K")
+    assert _same(repack(raw, "Q6_K", (N, K), 4), quantize(_dequantized(raw, "Q6_K"), 4))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_embedding_rows_are_the_dequantized_rows(bits):
+    w = torch.randn(64, 96)
+    q = quantize(w, bits)
+    ids = torch.tensor([[0, 5, 17], [63, 17, 31]])
+    rows = dequantize_rows(q, ids.flatten()).reshape(2, 3, 96)
+    assert torch.equal(rows, dequantize(q)[ids])
