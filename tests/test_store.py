@@ -490,6 +490,7 @@ def _turbofan_logits(model_dir: Path, ids: list[int]):
 def test_tiny_llama_gguf_imports_beside_its_file(tmp_path):
     import torch
     from transformers import AutoConfig, AutoTokenizer
+
     from turbofan.store.gguf_import import import_gguf
 
     out = tmp_path / "out"
@@ -542,6 +543,7 @@ def test_tiny_llama_gguf_imports_beside_its_file(tmp_path):
 def test_tiny_gguf_tensors_and_config_for_other_architectures(tmp_path, arch):
     """Tensors and config only (the tokenizer of these files is the llama one above)."""
     from transformers import AutoConfig
+
     from turbofan.store.gguf_import import import_gguf
 
     gguf_path = tmp_path / f"tiny-{arch}.gguf"
@@ -573,6 +575,7 @@ def test_tiny_gguf_tensors_and_config_for_other_architectures(tmp_path, arch):
 
 def test_unsupported_gguf_architecture_is_named(tmp_path):
     import gguf
+
     from turbofan.store.gguf_import import import_gguf
 
     path = tmp_path / "x.gguf"
