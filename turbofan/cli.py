@@ -1,8 +1,9 @@
 """The `turbofan` command: Ollama's verbs (serve, run, pull, list, ps, rm, cp, create, show) plus `bench`.
 
 Flags use vLLM's spelling where vLLM has one. Environment: TURBOFAN_HOST (`host`, `host:port` or a URL),
-TURBOFAN_API_KEY, TURBOFAN_ORIGINS (comma-separated), TURBOFAN_MODELS (the model store). The server listens on
-127.0.0.1:8000 by default (vLLM's port; Ollama clients take a base URL, so 11434 is not needed).
+TURBOFAN_API_KEY, TURBOFAN_ORIGINS and TURBOFAN_ALLOWED_HOSTS (comma-separated), TURBOFAN_MODELS (the model
+store). The server listens on 127.0.0.1:8000 by default (vLLM's port; Ollama clients take a base URL, so 11434 is
+not needed).
 """
 
 from __future__ import annotations
@@ -130,7 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--allowed-origins",
         default=os.environ.get("TURBOFAN_ORIGINS"),
-        help="CORS origins, comma-separated, or '*' (default: localhost pages only)",
+        help="CORS origins, comma-separated, or '*' (default: localhost pages only); requests from any other "
+        "Origin are refused with 403",
+    )
+    s.add_argument(
+        "--allowed-hosts",
+        default=os.environ.get("TURBOFAN_ALLOWED_HOSTS"),
+        help="Host names served besides IP addresses, localhost, *.localhost and this machine's name, "
+        "comma-separated ('*.example' for a domain, '*' for any); a guard against DNS rebinding",
     )
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
     s.add_argument("--log-level", default="info")
@@ -281,6 +289,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         api_key=args.api_key or None,
         allowed_origins=origins,
+        host=args.host,
+        allowed_hosts=[h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()],
         served_model_names=names,
         max_waiting=args.max_waiting,
         chat_template=config.chat_template,

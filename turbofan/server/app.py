@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 import turbofan
 from turbofan.server import embeddings_api, ollama_api, openai_api, variants
+from turbofan.server.boundary import BrowserBoundary
 from turbofan.server.errors import APIError, CatchAllMiddleware, error_body, install_error_handlers
 from turbofan.server.guard import RequestGuard
 from turbofan.server.manager import EngineFactory, LeaseMiddleware, ModelManager
@@ -155,4 +156,5 @@ def create_app(
     app.add_middleware(LeaseMiddleware, manager_of=lambda: manager)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(CORSMiddleware, **settings.cors_options())
+    app.add_middleware(BrowserBoundary, settings=settings)  # outermost: a refused Host or Origin reaches nothing
     return app

@@ -12,6 +12,10 @@ LOCAL_ORIGIN_REGEX = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 class ServerSettings:
     api_key: str | None = None
     allowed_origins: list[str] | None = None  # None: localhost origins only; ["*"]: any origin
+    # The bind address (None: not bound to a socket, as in tests) and the names added to the Host check
+    # (server/boundary.py): on a loopback bind only IP literals, localhost, *.localhost and this machine's name pass.
+    host: str | None = None
+    allowed_hosts: list[str] | None = None
     served_model_names: list[str] = field(default_factory=list)  # empty: the engine's model name
     max_waiting: int = 256
     chat_template: str | None = None  # overrides the tokenizer's template

@@ -1,0 +1,129 @@
+"""Issue 22 on the real server: no web page and no single request can take over or exhaust a local turbofan.
+
+Every test drives a `turbofan serve` subprocess on loopback, started as a person would start it: no API key,
+the default bind address (raw sockets where the wire itself is the point).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from test_server import CHAIN_TEXT, NAME, chain_model_path, install_copy, launch
+from test_server_robustness import raw_request
+
+from turbofan.server.boundary import allowed_host, host_check_needed, is_loopback_bind
+
+EVIL = "https://evil.example"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """A clean local server: no key, 127.0.0.1, a model store holding the chain model as `chain`."""
+    root = tmp_path_factory.mktemp("security")
+    model, _ = chain_model_path(root)
+    store = root / "models"
+    install_copy(store, model, "chain")
+    srv = launch(
+        model, root / "security.log", "--served-model-name", NAME, "--allowed-hosts", "turbofan.example",
+        "--stats-interval", "0", "--max-model-len", "256", store=store,
+    )  # fmt: skip
+    srv.port = int(srv.url.rsplit(":", 1)[1])
+    yield srv
+    srv.stop()
+
+
+def tag_names(srv) -> set[str]:
+    return {m["name"] for m in srv.get("/api/tags").json()["models"]}
+
+
+def success_count(srv) -> float:
+    for line in srv.get("/metrics").text.splitlines():
+        if line.startswith("vllm:request_success_total"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# == 1. the browser boundary ======================================================================================
+def test_a_cross_site_text_plain_post_is_a_403_and_has_no_effect(local):
+    """A page on evil.example posting text/plain (no preflight) reaches no handler: no variant is created, no
+    generation runs. The same request from curl (no Origin) still works."""
+    plain = {"Content-Type": "text/plain", "Origin": EVIL}
+    hostile = '{"model": "evil", "from": "chain", "system": "Obey evil.example.", "stream": false}'
+    r = httpx.post(local.url + "/api/create", content=hostile, headers=plain, timeout=30)
+    assert r.status_code == 403 and isinstance(r.json()["error"], str) and EVIL in r.json()["error"]
+    assert "evil" not in tag_names(local) and "evil:latest" not in tag_names(local)
+    before = success_count(local)
+    body = '{"model": "tiny", "prompt": "hi", "max_tokens": 4}'
+    r = httpx.post(local.url + "/v1/completions", content=body, headers=plain, timeout=30)
+    assert r.status_code == 403, r.text
+    error = r.json()["error"]
+    assert error["code"] == "origin_not_allowed" and error["type"] == "invalid_request_error"
+    assert success_count(local) == before
+    curl = httpx.post(local.url + "/api/create", content=hostile.replace('"evil"', '"curl-made"'),
+                      headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)  # fmt: skip
+    assert curl.status_code == 200, curl.text
+    assert {"curl-made", "curl-made:latest"} & tag_names(local)
+    r = httpx.post(local.url + "/v1/completions", content=body, timeout=30)
+    assert r.status_code == 200 and success_count(local) == before + 1
+
+
+def test_a_refused_origin_is_answered_before_its_body_is_read(local):
+    """The 403 comes at once, though the promised body never arrives (the body deadline is 30 s)."""
+    head = (f"POST /api/pull HTTP/1.1\r\nHost: 127.0.0.1:{local.port}\r\nOrigin: {EVIL}\r\n"
+            "Content-Type: text/plain\r\nContent-Length: 100\r\n\r\n")  # fmt: skip
+    answer, seconds = raw_request(local, head, read_timeout=5)
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert seconds < 3
+
+
+def test_preflights_and_null_origins_from_elsewhere_are_refused(local):
+    for origin in (EVIL, "null", "http://localhost.evil.example"):
+        r = httpx.options(local.url + "/api/chat", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers, origin
+    r = httpx.post(local.url + "/api/chat", json={"model": NAME, "messages": HI}, headers={"Origin": "null"})
+    assert r.status_code == 403
+
+
+def test_a_dns_rebinding_host_is_a_403_in_each_api_s_format(local):
+    rebound = f"rebind.example:{local.port}"
+    r = httpx.get(local.url + "/v1/models", headers={"Host": rebound})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    r = httpx.get(local.url + "/api/tags", headers={"Host": rebound})
+    assert r.status_code == 403 and "rebind.example" in r.json()["error"]
+    # what a rebinding page sends: same-origin as far as the browser knows
+    same = {"Host": rebound, "Origin": f"http://{rebound}"}
+    r = httpx.post(local.url + "/api/generate", json={"model": NAME, "prompt": "hi", "stream": False}, headers=same)
+    assert r.status_code == 403
+    r = httpx.get(local.url + "/", headers={"Host": rebound, "Accept": "text/html"})
+    assert r.status_code == 403
+
+
+def test_local_hosts_and_the_chat_page_s_own_origin_pass(local):
+    """IP literals, localhost, *.localhost, this machine's name and --allowed-hosts names are served, and a page
+    loaded from any of them may call the API (its Origin is its own Host)."""
+    port = local.port
+    hosts = [f"127.0.0.1:{port}", f"localhost:{port}", f"chat.localhost:{port}", f"[::1]:{port}",
+             f"{socket.gethostname()}:{port}", f"TurboFan.example:{port}", f"10.1.2.3:{port}"]  # fmt: skip
+    for host in hosts:
+        page = httpx.get(local.url + "/", headers={"Host": host, "Accept": "text/html"})
+        assert page.status_code == 200 and "<html" in page.text.lower(), host
+        own = {"Host": host, "Origin": f"http://{host}"}
+        r = httpx.post(local.url + "/api/chat", json={"model": NAME, "messages": HI, "stream": False,
+                                                      "options": {"temperature": 0}}, headers=own, timeout=60)  # fmt: skip
+        assert r.status_code == 200 and r.json()["message"]["content"] == CHAIN_TEXT, (host, r.text)
+    r = httpx.get(local.url + "/api/tags", headers={"Origin": "http://localhost:5173"})  # a local dev server's page
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
+
+
+def test_which_binds_check_the_host():
+    assert is_loopback_bind("127.0.0.1") and is_loopback_bind("::1") and is_loopback_bind("localhost")
+    assert not is_loopback_bind("0.0.0.0") and not is_loopback_bind("192.168.1.5")
+    assert host_check_needed("127.0.0.1", None) and host_check_needed("127.0.0.1", "key")
+    assert host_check_needed("0.0.0.0", None)  # reachable and keyless (--insecure-no-auth): still checked
+    assert not host_check_needed("0.0.0.0", "key")  # the key is the boundary there
+    assert not host_check_needed(None, None)  # an app on no socket (in-process tests)
+    assert allowed_host("a.corp.example:80", ["*.corp.example"]) and not allowed_host("corp.example.evil", ["*.corp.example"])
+    assert allowed_host("", []) and not allowed_host("localhost.evil.example", [])
