@@ -7,8 +7,10 @@ the default bind address (raw sockets where the wire itself is the point).
 from __future__ import annotations
 
 import socket
+import time
 
 import httpx
+import psutil
 import pytest
 from test_server import CHAIN_TEXT, NAME, chain_model_path, install_copy, launch
 from test_server_robustness import raw_request
@@ -17,6 +19,9 @@ from turbofan.server.boundary import allowed_host, host_check_needed, is_loopbac
 
 EVIL = "https://evil.example"
 HI = [{"role": "user", "content": "hi"}]
+KEY = "sk-security-test"
+# A request template whose loops would run for hours (10^10 iterations) if it were ever rendered.
+NESTED_RANGE = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +36,19 @@ def local(tmp_path_factory):
         "--stats-interval", "0", "--max-model-len", "256", store=store,
     )  # fmt: skip
     srv.port = int(srv.url.rsplit(":", 1)[1])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    """Bound to every interface with an API key (so the Host check is off), trusting request chat templates."""
+    root = tmp_path_factory.mktemp("security-keyed")
+    model, _ = chain_model_path(root)
+    srv = launch(
+        model, root / "keyed.log", "--host", "0.0.0.0", "--served-model-name", NAME, "--trust-request-chat-template",
+        "--stats-interval", "0", "--max-model-len", "256", key=KEY,
+    )  # fmt: skip
     yield srv
     srv.stop()
 
@@ -127,3 +145,43 @@ def test_which_binds_check_the_host():
     assert not host_check_needed(None, None)  # an app on no socket (in-process tests)
     assert allowed_host("a.corp.example:80", ["*.corp.example"]) and not allowed_host("corp.example.evil", ["*.corp.example"])
     assert allowed_host("", []) and not allowed_host("localhost.evil.example", [])
+
+
+def test_a_non_loopback_bind_with_a_key_skips_the_host_check(keyed):
+    r = keyed.get("/v1/models", headers={"Host": "turbofan.corp.example:8000"})
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == NAME
+    r = httpx.get(keyed.url + "/v1/models", headers={"Host": "turbofan.corp.example:8000"})
+    assert r.status_code == 401  # the key still holds
+
+
+# == 2. request templates ==========================================================================================
+def test_a_request_chat_template_is_refused_unless_the_server_trusts_it(local, keyed):
+    own = "{{ messages[-1].content }}\n"  # harmless
+    r = local.post("/v1/chat/completions", {"model": NAME, "messages": HI, "chat_template": own})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
+    assert "--trust-request-chat-template" in r.json()["error"]["message"]
+    t0 = time.time()
+    r = local.post("/v1/chat/completions", {"model": NAME, "messages": HI, "chat_template": NESTED_RANGE})
+    assert r.status_code == 400 and time.time() - t0 < 1
+    smuggled = {"model": NAME, "messages": HI, "chat_template_kwargs": {"chat_template": NESTED_RANGE}}
+    r = local.post("/v1/chat/completions", smuggled)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+    body = {"model": NAME, "messages": HI, "chat_template": own, "temperature": 0}
+    r = keyed.post("/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 2  # "hi" and the newline: the request's template was used
+
+
+def test_an_amplifying_ollama_template_is_a_400_within_a_second_with_rss_flat(local):
+    server = psutil.Process(local.proc.pid)
+    before = server.memory_info().rss
+    body = {"model": NAME, "prompt": "a" * 300_000, "template": "{{ .Prompt }}" * 20_000, "stream": False}
+    t0 = time.time()
+    r = local.post("/api/generate", body)
+    seconds = time.time() - t0
+    assert r.status_code == 400 and "longer than" in r.json()["error"], r.text[:300]
+    assert seconds < 1, seconds
+    assert server.memory_info().rss - before < 64 << 20
+    r = local.post("/api/generate", {"model": NAME, "prompt": "hi", "template": "{{ .Prompt }}\n", "stream": False,
+                                      "options": {"temperature": 0}})  # fmt: skip
+    assert r.status_code == 200 and r.json()["response"] == CHAIN_TEXT

@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Host names served besides IP addresses, localhost, *.localhost and this machine's name, "
         "comma-separated ('*.example' for a domain, '*' for any); a guard against DNS rebinding",
     )
+    s.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="render a request's own Jinja chat_template (off: such requests get 400; only for trusted clients)",
+    )
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -294,6 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_names=names,
         max_waiting=args.max_waiting,
         chat_template=config.chat_template,
+        trust_request_chat_template=args.trust_request_chat_template,
         stats_interval=args.stats_interval,
         models_dir=config.models_dir,
         tool_call_parser=args.tool_call_parser,

@@ -257,9 +257,24 @@ def render_chat(client, messages: list[dict], template: str | None, **kwargs) ->
         raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None
 
 
+def check_request_template(body: ChatCompletionRequest, trusted: bool) -> None:
+    """A request's own Jinja template is code the server runs: refused unless the server trusts its clients
+    (--trust-request-chat-template, vLLM's flag), because the sandbox bounds what a template reaches, not how long
+    it runs. `chat_template_kwargs` may not smuggle one in either."""
+    if "chat_template" in (body.chat_template_kwargs or {}):
+        raise bad_request("chat_template_kwargs may not hold a chat_template", "chat_template_kwargs")
+    if body.chat_template is not None and not trusted:
+        raise bad_request(
+            "this server does not render a request's own chat_template (start it with --trust-request-chat-template "
+            "to allow that, or --chat-template to set one for every request)",
+            "chat_template",
+        )
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = ctx_of(request)
+    check_request_template(body, ctx.settings.trust_request_chat_template)
     client = await ctx.require_model(body.model)
     if not body.messages:
         raise bad_request("messages must contain at least one message", "messages")

@@ -19,6 +19,9 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)  # empty: the engine's model name
     max_waiting: int = 256
     chat_template: str | None = None  # overrides the tokenizer's template
+    # A request's own Jinja `chat_template` runs only with --trust-request-chat-template (vLLM's flag): the sandbox
+    # bounds attribute access, not work (nested range loops pin a thread for hours).
+    trust_request_chat_template: bool = False
     stats_interval: float = 10.0  # seconds between engine-stats log lines; 0 turns them off
     models_dir: str | None = None  # the model store (for /api/tags, /api/pull, ...); None: its default
     tool_call_parser: str | None = None  # None: chosen from the chat template (server/tool_parsers.py)
