@@ -6,6 +6,7 @@ the default bind address (raw sockets where the wire itself is the point).
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -185,3 +186,89 @@ def test_an_amplifying_ollama_template_is_a_400_within_a_second_with_rss_flat(lo
     r = local.post("/api/generate", {"model": NAME, "prompt": "hi", "template": "{{ .Prompt }}\n", "stream": False,
                                       "options": {"temperature": 0}})  # fmt: skip
     assert r.status_code == 200 and r.json()["response"] == CHAIN_TEXT
+
+
+# == 3. bounded lists and values ==================================================================================
+def tool(i: int) -> dict:
+    return {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_stop_strings_are_bounded_on_both_apis(local):
+    chat = {"model": NAME, "messages": HI, "temperature": 0, "max_tokens": 4}
+    r = local.post("/v1/chat/completions", {**chat, "stop": [f"s{i}" for i in range(17)]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop" and "16" in r.json()["error"]["message"]
+    r = local.post("/v1/completions", {"model": NAME, "prompt": "x", "stop": "é" * 513})  # 1026 bytes
+    assert r.status_code == 400 and "1024 bytes" in r.json()["error"]["message"]
+    r = local.post("/api/chat", {"model": NAME, "messages": HI, "stream": False,
+                                 "options": {"stop": ["x"] * 17}})  # fmt: skip
+    assert r.status_code == 400 and "16" in r.json()["error"]
+    r = local.post("/v1/chat/completions", {**chat, "stop": [f"{i:02d}" + "z" * 1022 for i in range(16)]})
+    assert r.status_code == 200, r.text  # the largest stop list allowed
+
+
+def test_an_out_of_vocabulary_stop_id_is_a_400_and_a_concurrent_stream_is_untouched(local):
+    vocab = chain_model_path(local.log_path.parent)[1]["vocab"]
+    body = {"model": NAME, "prompt": "x", "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
+    texts, errors = [], []
+    with httpx.stream("POST", local.url + "/v1/completions", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))  # the stream is generating now
+        bad = {"model": NAME, "messages": HI, "stop_token_ids": [vocab + 7], "min_tokens": 2, "max_tokens": 8}
+        r = local.post("/v1/chat/completions", bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text
+        r = local.post("/v1/completions", {"model": NAME, "prompt": "x", "stop_token_ids": [-1]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids"
+        for line in [first, *lines]:
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                errors += [event["error"]] if "error" in event else []
+                texts += [c["text"] for c in event.get("choices", [])]
+                finish = event["choices"][0]["finish_reason"] if event.get("choices") else None
+    assert not errors and finish == "length"
+    assert local.get("/health").status_code == 200
+
+
+def test_prompt_input_and_tool_lists_are_bounded(local):
+    r = local.post("/v1/completions", {"model": NAME, "prompt": ["hi"] * 2049, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "2048" in r.json()["error"]["message"]
+    r = local.post("/v1/completions", {"model": NAME, "prompt": [[5, 6]] * 2049, "max_tokens": 1})
+    assert r.status_code == 400
+    r = local.post("/v1/embeddings", {"model": NAME, "input": ["hello"] * 3000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    r = local.post("/api/embed", {"model": NAME, "input": ["hello"] * 3000})
+    assert r.status_code == 400 and "2048" in r.json()["error"]
+    tools = [tool(i) for i in range(129)]
+    r = local.post("/v1/chat/completions", {"model": NAME, "messages": HI, "tools": tools})
+    assert r.status_code == 400 and "128 tools" in r.json()["error"]["message"]
+    r = local.post("/api/chat", {"model": NAME, "messages": HI, "tools": tools, "stream": False})
+    assert r.status_code == 400 and "128 tools" in r.json()["error"]
+    r = local.post("/v1/embeddings", {"model": NAME, "input": ["hello", "world"]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
+
+
+def test_keep_alive_beyond_ten_years_is_a_400_and_ps_stays_200(local):
+    for value in (1e18, -1e18, "87600000h", "NaN"):
+        r = local.post("/api/generate", {"model": NAME, "prompt": "hi", "keep_alive": value, "stream": False})
+        assert r.status_code == 400 and "keep_alive" in r.json()["error"], (value, r.text)
+    r = local.post("/api/chat", {"model": NAME, "messages": HI, "keep_alive": 1e18, "stream": False})
+    assert r.status_code == 400
+    r = local.post("/api/embed", {"model": NAME, "input": "hi", "keep_alive": 1e18})
+    assert r.status_code == 400
+    ps = local.get("/api/ps")
+    assert ps.status_code == 200 and [m["name"] for m in ps.json()["models"]] == [NAME]
+    r = local.post("/api/generate", {"model": NAME, "prompt": "hi", "keep_alive": "87599h", "stream": False})
+    assert r.status_code == 200  # just under ten years
+    assert local.get("/api/ps").status_code == 200
+
+
+def test_malformed_tool_calls_are_a_400_on_both_apis(local):
+    for calls in (["not an object"], [1], [{"function": "f"}], {"function": {"name": "f"}}):
+        messages = [*HI, {"role": "assistant", "content": "", "tool_calls": calls}, {"role": "user", "content": "x"}]
+        r = local.post("/v1/chat/completions", {"model": NAME, "messages": messages, "max_tokens": 2})
+        assert r.status_code == 400 and "tool_calls" in r.json()["error"]["message"], (calls, r.text)
+        r = local.post("/api/chat", {"model": NAME, "messages": messages, "stream": False})
+        assert r.status_code == 400 and "tool_calls" in r.json()["error"], (calls, r.text)
+    good = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    messages = [*HI, {"role": "assistant", "content": "", "tool_calls": good}, {"role": "tool", "content": "1"}]
+    r = local.post("/v1/chat/completions", {"model": NAME, "messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 import turbofan
 from turbofan.engine import CompletionDelta, CompletionOutput, Logprob, RequestOutput, SamplingParams
+from turbofan.server import limits
 from turbofan.server.errors import APIError, bad_request, openai_error_body
 from turbofan.server.protocol import (
     ChatCompletionRequest,
@@ -86,6 +87,15 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
             raise bad_request(f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size})", "logit_bias")
         out[token] = float(value)
     return out
+
+
+def check_vocab(body: SamplingFields, client) -> None:
+    """stop_token_ids inside the model's vocabulary, checked as soon as the model is known: an id past it would
+    fail inside the engine step, ending every request of that step."""
+    vocab = min(client.tokenizer.vocab_size, client.info.vocab_size or client.tokenizer.vocab_size)
+    error = limits.vocab_error(body.stop_token_ids, vocab)
+    if error is not None:
+        raise bad_request(error, "stop_token_ids")
 
 
 def sampling_params(
@@ -276,6 +286,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = ctx_of(request)
     check_request_template(body, ctx.settings.trust_request_chat_template)
     client = await ctx.require_model(body.model)
+    check_vocab(body, client)
     if not body.messages:
         raise bad_request("messages must contain at least one message", "messages")
     if body.top_logprobs is not None and not body.logprobs:
@@ -485,6 +496,7 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> tuple[list[list[in
 async def completions(body: CompletionRequest, request: Request):
     ctx = ctx_of(request)
     client = await ctx.require_model(body.model)
+    check_vocab(body, client)
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:
