@@ -272,3 +272,25 @@ def test_malformed_tool_calls_are_a_400_on_both_apis(local):
     messages = [*HI, {"role": "assistant", "content": "", "tool_calls": good}, {"role": "tool", "content": "1"}]
     r = local.post("/v1/chat/completions", {"model": NAME, "messages": messages, "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+# == 4. pages and error messages ===================================================================================
+def test_pages_send_a_csp_that_forbids_framing_and_nosniff(local):
+    for path, accept in (("/", "text/html"), ("/dashboard", "text/html"), ("/ui/chat.js", "*/*")):
+        r = httpx.get(local.url + path, headers={"Accept": accept})
+        assert r.status_code == 200, path
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp, csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+    for r in (local.get("/api/tags"), httpx.get(local.url + "/v1/models", headers={"Origin": EVIL})):
+        assert r.headers["x-content-type-options"] == "nosniff", r.status_code
+
+
+def test_error_messages_never_carry_the_store_path_or_the_user_name(local):
+    import getpass
+
+    store = str(local.log_path.parent / "models")
+    r = httpx.request("DELETE", local.url + "/api/delete", json={"model": "no-such-model"})
+    assert r.status_code == 404, r.text
+    assert "not in the store" in r.json()["error"]
+    assert store not in r.text and getpass.getuser() not in r.text, r.text

@@ -22,7 +22,7 @@ import turbofan
 from turbofan.engine import RequestDelta, RequestOutput, SamplingParams
 from turbofan.model.footprint import is_encoder
 from turbofan.server import gotemplate, limits
-from turbofan.server.errors import APIError, bad_request
+from turbofan.server.errors import APIError, bad_request, redact
 from turbofan.server.manager import parse_keep_alive
 from turbofan.server.reasoning import ReasoningParser, end_token_for
 from turbofan.server.serving import (
@@ -395,7 +395,7 @@ async def _ndjson(
             if delta.finished:
                 yield _line(final(gen.output()))
     except APIError as exc:
-        yield _line({"error": exc.message})
+        yield _line({"error": redact(exc.message)})
 
 
 def _load_response(model: str, keep_alive: Any, chat: bool) -> dict:
@@ -692,10 +692,10 @@ async def pull(body: NameRequest, request: Request):
                     getter.cancel()
             resolved = task.result()
         except APIError as exc:
-            yield _line({"error": exc.message})
+            yield _line({"error": redact(exc.message)})
             return
         except Exception as exc:  # noqa: BLE001 — reported on the stream
-            yield _line({"error": f"pull failed: {exc}"})
+            yield _line({"error": redact(f"pull failed: {exc}")})
             return
         finally:
             if not task.done():
