@@ -7,13 +7,16 @@ the default bind address (raw sockets where the wire itself is the point).
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import psutil
 import pytest
-from test_server import CHAIN_TEXT, NAME, chain_model_path, install_copy, launch
+from test_server import CHAIN_TEXT, NAME, REPO, chain_model_path, free_port, install_copy, launch
 from test_server_robustness import raw_request
 
 from turbofan.server.boundary import allowed_host, host_check_needed, is_loopback_bind
@@ -294,3 +297,31 @@ def test_error_messages_never_carry_the_store_path_or_the_user_name(local):
     assert r.status_code == 404, r.text
     assert "not in the store" in r.json()["error"]
     assert store not in r.text and getpass.getuser() not in r.text, r.text
+
+
+# == 5. deploy defaults ============================================================================================
+def test_a_keyless_non_loopback_bind_is_refused_and_the_log_says_why(tmp_path):
+    model, _ = chain_model_path(tmp_path)
+    port = free_port()
+    cmd = [sys.executable, "-m", "turbofan.cli", "serve", str(model), "--host", "0.0.0.0", "--port", str(port)]
+    env = {**os.environ, "TURBOFAN_API_KEY": "", "TURBOFAN_INSECURE_NO_AUTH": "", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    said = out.stdout + out.stderr
+    assert "refusing to listen on 0.0.0.0 without an API key" in said and "--insecure-no-auth" in said
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_insecure_no_auth_serves_with_a_warning_and_keeps_the_host_check(tmp_path):
+    model, _ = chain_model_path(tmp_path)
+    srv = launch(model, tmp_path / "insecure.log", "--host", "0.0.0.0", "--insecure-no-auth",
+                 "--served-model-name", NAME, "--stats-interval", "0")  # fmt: skip
+    try:
+        warnings = [r for r in srv.logs() if "--insecure-no-auth" in r.get("msg", "")]
+        assert warnings and warnings[0]["level"] == "warning"
+        assert srv.get("/v1/models").status_code == 200  # no key asked
+        port = srv.url.rsplit(":", 1)[1]
+        assert httpx.get(srv.url + "/v1/models", headers={"Host": f"rebind.example:{port}"}).status_code == 403
+    finally:
+        srv.stop()
