@@ -123,6 +123,12 @@ def test_a_dns_rebinding_host_is_a_403_in_each_api_s_format(local):
     assert r.status_code == 403
 
 
+def test_the_openapi_document_lists_the_403(local):
+    doc = local.get("/openapi.json").json()
+    for path, method in (("/v1/chat/completions", "post"), ("/api/generate", "post"), ("/v1/models", "get")):
+        assert "403" in doc["paths"][path][method]["responses"], path
+
+
 def test_local_hosts_and_the_chat_page_s_own_origin_pass(local):
     """IP literals, localhost, *.localhost, this machine's name and --allowed-hosts names are served, and a page
     loaded from any of them may call the API (its Origin is its own Host)."""
@@ -250,7 +256,7 @@ def test_prompt_input_and_tool_lists_are_bounded(local):
 
 
 def test_keep_alive_beyond_ten_years_is_a_400_and_ps_stays_200(local):
-    for value in (1e18, -1e18, "87600000h", "NaN"):
+    for value in (1e18, -1e18, "87600000h", "NaN", 10**400):  # 10**400: past any float
         r = local.post("/api/generate", {"model": NAME, "prompt": "hi", "keep_alive": value, "stream": False})
         assert r.status_code == 400 and "keep_alive" in r.json()["error"], (value, r.text)
     r = local.post("/api/chat", {"model": NAME, "messages": HI, "keep_alive": 1e18, "stream": False})

@@ -61,7 +61,7 @@ def parse_keep_alive(value: Any) -> float | None:
     if isinstance(value, bool):
         raise bad_request(f"keep_alive must be a duration or a number of seconds, got {value!r}", "keep_alive")
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if not isinstance(value, int) or abs(value) < 1 << 64 else math.inf  # no OverflowError
     elif isinstance(value, str):
         text = value.strip()
         sign = -1.0 if text.startswith("-") else 1.0
@@ -80,7 +80,7 @@ def parse_keep_alive(value: Any) -> float | None:
         raise bad_request(f"keep_alive must be a duration or a number of seconds, got {value!r}", "keep_alive")
     if not abs(seconds) <= MAX_KEEP_ALIVE_SECONDS:  # NaN too
         raise bad_request(f"keep_alive must be within ten years either way ({MAX_KEEP_ALIVE_SECONDS:.0f} s; "
-                          f"negative: forever), got {value!r}", "keep_alive")  # fmt: skip
+                          f"negative: forever), got {str(value)[:40]}", "keep_alive")  # fmt: skip
     return math.inf if seconds < 0 else seconds
 
 
