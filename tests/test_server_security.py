@@ -146,6 +146,34 @@ def test_local_hosts_and_the_chat_page_s_own_origin_pass(local):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
 
 
+def test_the_replicas_ingress_refuses_before_reading_or_relaying():
+    """`--replicas N`: the Ray Serve ingress app (built as Serve builds it, without starting Ray) refuses a
+    cross-site or rebinding request itself; nothing reaches an engine replica."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from turbofan.distributed.replicas import _ingress_deployment
+    from turbofan.server import ServerSettings
+
+    relayed = []
+
+    async def call(scope, body, prefix):
+        relayed.append(scope["path"])
+        yield {"type": "http.response.start", "status": 200, "headers": []}
+        yield {"type": "http.response.body", "body": b"{}"}
+
+    ingress = _ingress_deployment().func_or_class
+    app = ingress.__serve_build_asgi_app__(SimpleNamespace(settings=ServerSettings(host="127.0.0.1"), _call=call))
+    client = TestClient(app, base_url="http://127.0.0.1:8000")
+    r = client.post("/api/create", content='{"model": "x", "from": "y"}', headers={"Origin": EVIL,
+                                                                                    "Content-Type": "text/plain"})
+    assert r.status_code == 403 and EVIL in r.json()["error"]
+    assert client.get("/v1/models", headers={"Host": "rebind.example:8000"}).status_code == 403
+    assert relayed == []
+    assert client.get("/v1/models").status_code == 200 and relayed == ["/v1/models"]
+
+
 def test_which_binds_check_the_host():
     assert is_loopback_bind("127.0.0.1") and is_loopback_bind("::1") and is_loopback_bind("localhost")
     assert not is_loopback_bind("0.0.0.0") and not is_loopback_bind("192.168.1.5")
