@@ -109,6 +109,19 @@ def test_preflights_and_null_origins_from_elsewhere_are_refused(local):
     assert r.status_code == 403
 
 
+def test_a_cross_site_request_without_an_origin_is_refused_but_links_to_the_page_work(local):
+    """Another site's <img src=".../v1/models/x"> sends no Origin on its GET, but Fetch Metadata says cross-site."""
+    no_cors = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+    r = httpx.get(local.url + "/v1/models/tiny", headers=no_cors)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site_request"
+    r = httpx.get(local.url + "/api/tags", headers={**no_cors, "Sec-Fetch-Mode": "navigate"})  # a link to the API
+    assert r.status_code == 403 and isinstance(r.json()["error"], str)
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Accept": "text/html"}
+    assert httpx.get(local.url + "/", headers=link).status_code == 200  # a link to the chat page
+    for site in ("same-origin", "none", "same-site"):
+        assert httpx.get(local.url + "/v1/models/tiny", headers={"Sec-Fetch-Site": site}).status_code == 200, site
+
+
 def test_a_dns_rebinding_host_is_a_403_in_each_api_s_format(local):
     rebound = f"rebind.example:{local.port}"
     r = httpx.get(local.url + "/v1/models", headers={"Host": rebound})

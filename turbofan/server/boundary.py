@@ -11,6 +11,9 @@ A server on 127.0.0.1 without a key is reachable by every web page the person ru
   outside every other middleware: its body is never read and no handler runs. Allowed: the CORS origins
   (`--allowed-origins`; by default localhost pages) and the server's own origin (the chat page, whose Origin
   names the Host it was loaded from). curl and the SDKs send no Origin and are unaffected.
+- a cross-site `<img>`, `<script>` or link sends no Origin on a GET, but browsers mark it `Sec-Fetch-Site:
+  cross-site` (Fetch Metadata): such a request gets 403 too, except a navigation to one of the pages (a link to
+  the chat page). Without the header (curl, SDKs, old browsers) nothing changes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import socket
 from functools import lru_cache
 
 from turbofan.server.errors import error_body
+from turbofan.server.pages import is_open_path
 from turbofan.server.settings import LOCAL_ORIGIN_REGEX, ServerSettings
 
 
@@ -113,7 +117,7 @@ class BrowserBoundary:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        refusal = self.refusal(dict(scope.get("headers") or []))
+        refusal = self.refusal(dict(scope.get("headers") or []), scope["path"])
         if refusal is None:
             await self.app(scope, receive, send)
             return
@@ -122,7 +126,7 @@ class BrowserBoundary:
             return
         await _forbid(send, scope["path"], *refusal)
 
-    def refusal(self, headers: dict[bytes, bytes]) -> tuple[str, str] | None:
+    def refusal(self, headers: dict[bytes, bytes], path: str) -> tuple[str, str] | None:
         """(message, code) when this request may not pass, else None."""
         host = headers.get(b"host", b"").decode("latin-1")
         if self.check_host and not allowed_host(host, self.extra_hosts):
@@ -134,7 +138,15 @@ class BrowserBoundary:
             if not allowed_origin(text, host, self.settings):
                 return (f"origin {text!r} is not allowed: start the server with --allowed-origins to let that page "
                         "call it", "origin_not_allowed")  # fmt: skip
+        elif headers.get(b"sec-fetch-site") == b"cross-site" and not self._page_navigation(headers, path):
+            return ("a cross-site request without an Origin (another site's <img>, <script> or link) may not reach "
+                    "the API", "cross_site_request")  # fmt: skip
         return None
+
+    @staticmethod
+    def _page_navigation(headers: dict[bytes, bytes], path: str) -> bool:
+        """A link from elsewhere to the chat page or the dashboard: the pages hold no data and do nothing."""
+        return headers.get(b"sec-fetch-mode") == b"navigate" and is_open_path(path)
 
 
 async def _forbid(send, path: str, message: str, code: str) -> None:
