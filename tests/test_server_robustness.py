@@ -106,7 +106,7 @@ def _metric(srv, name: str) -> float:
 
 # == limits: body size, read timeouts, tokenization off the event loop ==========================================
 def test_a_40_mb_body_is_refused_at_once_while_health_stays_fast(robust):
-    head = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = ("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {40 << 20}\r\n\r\n")  # fmt: skip
     answer, seconds = raw_request(robust, head, b'{"prompt": "' + b"a" * (1 << 20))
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -165,10 +165,10 @@ def test_health_answers_fast_while_a_long_prompt_tokenizes(robust):
 
 
 def test_a_stalled_body_gets_408_and_a_stalled_head_is_closed(robust):
-    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     answer, seconds = raw_request(robust, head, b'{"prompt": ')
     assert answer.startswith(b"HTTP/1.1 408") and 0.9 < seconds < 4, (answer[:120], seconds)
-    answer, seconds = raw_request(robust, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # no blank line: never ends
+    answer, seconds = raw_request(robust, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no blank line: never ends
     assert answer == b"" and 0.9 < seconds < 4, (answer, seconds)
     assert robust.get("/health").status_code == 200
 

@@ -1,8 +1,9 @@
 """The `turbofan` command: Ollama's verbs (serve, run, pull, list, ps, rm, cp, create, show) plus `bench`.
 
 Flags use vLLM's spelling where vLLM has one. Environment: TURBOFAN_HOST (`host`, `host:port` or a URL),
-TURBOFAN_API_KEY, TURBOFAN_ORIGINS (comma-separated), TURBOFAN_MODELS (the model store). The server listens on
-127.0.0.1:8000 by default (vLLM's port; Ollama clients take a base URL, so 11434 is not needed).
+TURBOFAN_API_KEY, TURBOFAN_ORIGINS and TURBOFAN_ALLOWED_HOSTS (comma-separated), TURBOFAN_MODELS (the model
+store). The server listens on 127.0.0.1:8000 by default (vLLM's port; Ollama clients take a base URL, so 11434 is
+not needed).
 """
 
 from __future__ import annotations
@@ -126,11 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=host, help=f"bind address (default {DEFAULT_HOST} or $TURBOFAN_HOST)")
     s.add_argument("--port", type=int, default=port or DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     s.add_argument("--api-key", default=os.environ.get("TURBOFAN_API_KEY"), help="require this Bearer key")
+    s.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=os.environ.get("TURBOFAN_INSECURE_NO_AUTH", "").lower() in ("1", "true", "yes"),
+        help="serve on a non-loopback address without --api-key (refused otherwise: anyone who can reach the port "
+        "could generate, pull, create and delete models)",
+    )
     s.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use for the model")
     s.add_argument(
         "--allowed-origins",
         default=os.environ.get("TURBOFAN_ORIGINS"),
-        help="CORS origins, comma-separated, or '*' (default: localhost pages only)",
+        help="CORS origins, comma-separated, or '*' (default: localhost pages only); requests from any other "
+        "Origin are refused with 403",
+    )
+    s.add_argument(
+        "--allowed-hosts",
+        default=os.environ.get("TURBOFAN_ALLOWED_HOSTS"),
+        help="Host names served besides IP addresses, localhost, *.localhost and this machine's name, "
+        "comma-separated ('*.example' for a domain, '*' for any); a guard against DNS rebinding",
+    )
+    s.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="render a request's own Jinja chat_template (off: such requests get 400; only for trusted clients)",
     )
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
     s.add_argument("--log-level", default="info")
@@ -256,6 +276,30 @@ def engine_factory(config):
     return build
 
 
+def check_exposure(args: argparse.Namespace, log) -> bool:
+    """False (and why, logged) when the server would listen beyond this machine without a key: on a LAN or in a
+    container that is publishing unauthenticated generation and model management to everyone who can reach it."""
+    from turbofan.server.boundary import is_loopback_bind
+
+    if is_loopback_bind(args.host) or args.api_key:
+        return True
+    if args.insecure_no_auth:
+        log.warning(
+            "serving without an API key on a non-loopback address (--insecure-no-auth): anyone who can reach "
+            f"{args.host}:{args.port} can generate, pull, create and delete models",
+            extra={"host": args.host, "port": args.port},
+        )
+        return True
+    log.error(
+        f"refusing to listen on {args.host} without an API key: anyone who can reach that address could generate, "
+        "pull, create and delete models. Set --api-key (or TURBOFAN_API_KEY), listen on 127.0.0.1, or pass "
+        "--insecure-no-auth (TURBOFAN_INSECURE_NO_AUTH=1) if a firewall or a loopback-only port mapping already "
+        "keeps others out",
+        extra={"host": args.host, "port": args.port},
+    )
+    return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -275,15 +319,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("turbofan.server")
+    if not check_exposure(args, log):
+        return 2
     names = args.served_model_name or []
     config = engine_config(args, names[0] if names else None)
     origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()] or None
     settings = ServerSettings(
         api_key=args.api_key or None,
         allowed_origins=origins,
+        host=args.host,
+        allowed_hosts=[h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()],
         served_model_names=names,
         max_waiting=args.max_waiting,
         chat_template=config.chat_template,
+        trust_request_chat_template=args.trust_request_chat_template,
         stats_interval=args.stats_interval,
         models_dir=config.models_dir,
         tool_call_parser=args.tool_call_parser,

@@ -197,12 +197,14 @@ def _ingress_deployment():
         def __serve_build_asgi_app__(self):
             from turbofan.distributed.ingress import Ingress
             from turbofan.server.app import APIKeyMiddleware
+            from turbofan.server.boundary import BrowserBoundary
 
             app = Ingress(
                 self._call, _is_replica_death, self.settings.max_request_bytes, self.settings.body_timeout
             )
-            # the key is checked before a body is read (the engine replica checks it again)
-            return APIKeyMiddleware(app, self.settings.api_key) if self.settings.api_key else app
+            # the key, the Host and the Origin are checked before a body is read (the engine replica checks again)
+            app = APIKeyMiddleware(app, self.settings.api_key) if self.settings.api_key else app
+            return BrowserBoundary(app, self.settings)
 
         async def _call(self, scope: dict, body: bytes, prefix: list[str]):
             stream = self.engine.options(stream=True).http.remote(scope, body, prefix=prefix)

@@ -20,11 +20,19 @@ from fastapi.responses import JSONResponse, Response
 
 import turbofan
 from turbofan.server import embeddings_api, ollama_api, openai_api, variants
-from turbofan.server.errors import APIError, CatchAllMiddleware, error_body, install_error_handlers
+from turbofan.server.boundary import BrowserBoundary
+from turbofan.server.errors import (
+    APIError,
+    CatchAllMiddleware,
+    error_body,
+    hide_path,
+    install_error_handlers,
+    redact,
+)
 from turbofan.server.guard import RequestGuard
 from turbofan.server.manager import EngineFactory, LeaseMiddleware, ModelManager
 from turbofan.server.openapi import install_openapi
-from turbofan.server.pages import install_pages, is_open_path
+from turbofan.server.pages import SecurityHeaders, install_pages, is_open_path
 from turbofan.server.serving import ClientDisconnected, ServerContext
 from turbofan.server.settings import ServerSettings
 from turbofan.server.state import EngineSource
@@ -63,6 +71,16 @@ class APIKeyMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+def hide_private_paths(settings: ServerSettings) -> None:
+    """Error messages name models, never where the store or the user's home lives (errors.redact)."""
+    from pathlib import Path
+
+    from turbofan.store.store import default_root
+
+    hide_path(Path(settings.models_dir).expanduser() if settings.models_dir else default_root(), "<model store>")
+    hide_path(Path.home(), "~")
+
+
 def create_app(
     engine_source: EngineSource, settings: ServerSettings | None = None, factory: EngineFactory | None = None
 ) -> FastAPI:
@@ -70,6 +88,7 @@ def create_app(
     callable that builds one (it runs on the engine's thread after the server starts listening). `factory` builds
     any other model of the store on demand (server/manager.py); without one, only the primary is served."""
     settings = settings or ServerSettings()
+    hide_private_paths(settings)
     manager = ModelManager(engine_source, settings, factory, store_factory=lambda: ctx.store)
     ctx = ServerContext(manager, settings)
 
@@ -95,10 +114,10 @@ def create_app(
         if state.ready or manager.find(None) is None:  # the primary is loaded, or was unloaded on purpose
             dead = state.client.dead if state.client is not None else None  # the engine loop stopped after an error
             if dead is not None:
-                return JSONResponse({"status": "error", "error": f"engine stopped: {dead}"}, status_code=503)
+                return JSONResponse({"status": "error", "error": redact(f"engine stopped: {dead}")}, status_code=503)
             return JSONResponse({"status": "ok"})
         if state.error is not None:
-            return JSONResponse({"status": "error", "error": str(state.error)}, status_code=503)
+            return JSONResponse({"status": "error", "error": redact(str(state.error))}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
     @app.get("/metrics")
@@ -155,4 +174,6 @@ def create_app(
     app.add_middleware(LeaseMiddleware, manager_of=lambda: manager)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(CORSMiddleware, **settings.cors_options())
+    app.add_middleware(BrowserBoundary, settings=settings)  # a refused Host or Origin reaches nothing
+    app.add_middleware(SecurityHeaders)  # on every response, the boundary's refusals included
     return app

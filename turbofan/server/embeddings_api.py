@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from turbofan.engine import EngineDeadError
+from turbofan.server import limits
 from turbofan.server.errors import APIError, bad_request
 from turbofan.server.serving import ServerContext, unless_disconnected
 
@@ -39,6 +40,8 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
     truncate: bool = False
 
+    _inputs = field_validator("input", mode="before")(limits.check_embedding_inputs)
+
 
 class OllamaEmbedRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -49,6 +52,9 @@ class OllamaEmbedRequest(BaseModel):
     options: dict[str, Any] | None = None
     keep_alive: Any = None
 
+    _inputs = field_validator("input", mode="before")(limits.check_embedding_inputs)
+    _keep_alive = field_validator("keep_alive")(limits.check_keep_alive)
+
 
 class OllamaEmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -56,6 +62,8 @@ class OllamaEmbeddingsRequest(BaseModel):
     prompt: str | None = None
     options: dict[str, Any] | None = None
     keep_alive: Any = None
+
+    _keep_alive = field_validator("keep_alive")(limits.check_keep_alive)
 
 
 def ctx_of(request: Request) -> ServerContext:

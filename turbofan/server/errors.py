@@ -1,13 +1,16 @@
 """Errors in the shape each API's clients parse: OpenAI `{"error": {...}}`, Ollama `{"error": "..."}`.
 
 The shape is chosen by path: `/api/*` is Ollama's, everything else OpenAI's. Validation errors become 400
-(clients written against OpenAI never expect 422), and nothing ever answers with a stack trace.
+(clients written against OpenAI never expect 422), and nothing ever answers with a stack trace. Nor with the
+server's private paths: the model store's absolute path and the home directory (which names the user) are
+replaced in every error message (`redact`); the logs keep them for the operator.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,6 +52,26 @@ class APIError(Exception):
         self.headers = headers
 
 
+# (absolute path, what an error message says instead), longest first so a store inside the home directory wins.
+_PRIVATE_PATHS: list[tuple[str, str]] = []
+
+
+def hide_path(path: str | os.PathLike, label: str) -> None:
+    """Never show `path` (as given and resolved) in an error message; `label` stands in for it."""
+    for variant in {os.fspath(path), os.path.realpath(path)}:
+        if len(variant) > 1 and (variant, label) not in _PRIVATE_PATHS:
+            _PRIVATE_PATHS.append((variant, label))
+    _PRIVATE_PATHS.sort(key=lambda pair: -len(pair[0]))
+
+
+def redact(message: str) -> str:
+    """`message` without the paths hide_path registered (a client learns nothing about the server's disk)."""
+    for path, label in _PRIVATE_PATHS:
+        if path in message:
+            message = message.replace(path, label)
+    return message
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
@@ -60,7 +83,7 @@ def is_ollama_path(path: str) -> bool:
 def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {
         "error": {
-            "message": message,
+            "message": redact(message),
             "type": _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
             "param": param,
             "code": code if code is not None else str(status),
@@ -70,7 +93,7 @@ def openai_error_body(status: int, message: str, param: str | None = None, code:
 
 def error_body(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     if is_ollama_path(path):
-        return {"error": message}
+        return {"error": redact(message)}
     return openai_error_body(status, message, param, code)
 
 

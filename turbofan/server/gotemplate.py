@@ -3,6 +3,9 @@
 Supported: `{{ .System }}`, `{{ .Prompt }}`, `{{ .Response }}`, `{{ if .X }} … {{ else }} … {{ end }}`, and the
 `{{-` / `-}}` whitespace trims. That covers the classic Modelfile templates; anything else is an error the
 caller reports as 400 rather than a silently wrong prompt.
+
+The output is bounded while it is built (MAX_OUTPUT_CHARS): `{{ .Prompt }}` repeated 20,000 times over a 300 KB
+prompt would otherwise be a 6 GB string before anything looked at its length.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import re
 
 _ACTION = re.compile(r"{{(-?)\s*(.*?)\s*(-?)}}", re.S)
+# 4 Mi characters: more than any context turbofan serves holds (about a million tokens), far less than a process
+# can afford to build and tokenize.
+MAX_OUTPUT_CHARS = 4 << 20
 
 
 class TemplateError(ValueError):
@@ -36,9 +42,27 @@ def _tokens(template: str) -> list[tuple[str, str]]:
     return out
 
 
-def render(template: str, values: dict[str, str]) -> str:
+class _Output:
+    """The rendered pieces, refusing the one that would take the total past `limit` characters."""
+
+    def __init__(self, limit: int):
+        self.pieces: list[str] = []
+        self.size = 0
+        self.limit = limit
+
+    def append(self, piece: str) -> None:
+        self.size += len(piece)
+        if self.size > self.limit:
+            raise TemplateError(f"the rendered template is longer than {self.limit} characters: a prompt template "
+                                "may repeat its fields only so often")  # fmt: skip
+        self.pieces.append(piece)
+
+
+def render(template: str, values: dict[str, str], max_chars: int = MAX_OUTPUT_CHARS) -> str:
+    """The template filled in with `values`; TemplateError for an unsupported action or an output past
+    `max_chars` characters (checked piece by piece, so nothing larger is ever built)."""
     tokens = _tokens(template)
-    result: list[str] = []
+    result = _Output(max_chars)
     # a stack of (emitting before this block, condition value, currently in else branch)
     stack: list[tuple[bool, bool, bool]] = []
     emitting = True
@@ -83,4 +107,4 @@ def render(template: str, values: dict[str, str]) -> str:
             raise TemplateError(f"unsupported template action {{{{ {value} }}}}")
     if stack:
         raise TemplateError("{{ if }} without {{ end }}")
-    return "".join(result)
+    return "".join(result.pieces)

@@ -37,6 +37,7 @@ import psutil
 
 from turbofan.model.footprint import Footprint
 from turbofan.server.errors import APIError, bad_request
+from turbofan.server.limits import MAX_KEEP_ALIVE_SECONDS
 from turbofan.server.state import EngineSource, EngineState
 
 log = logging.getLogger("turbofan.server")
@@ -53,13 +54,14 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, 
 
 def parse_keep_alive(value: Any) -> float | None:
     """Ollama's keep_alive in seconds: a number of seconds or a Go duration ("5m", "1h30m", "-1"); any negative
-    value means forever (math.inf); None means "not given"."""
+    value means forever (math.inf); None means "not given". Beyond ten years either way (or not finite) it is a
+    400: the expiry it sets must stay a timestamp /api/ps can print."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
         raise bad_request(f"keep_alive must be a duration or a number of seconds, got {value!r}", "keep_alive")
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if not isinstance(value, int) or abs(value) < 1 << 64 else math.inf  # no OverflowError
     elif isinstance(value, str):
         text = value.strip()
         sign = -1.0 if text.startswith("-") else 1.0
@@ -76,7 +78,10 @@ def parse_keep_alive(value: Any) -> float | None:
             seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
     else:
         raise bad_request(f"keep_alive must be a duration or a number of seconds, got {value!r}", "keep_alive")
-    return math.inf if seconds < 0 or math.isinf(seconds) else seconds
+    if not abs(seconds) <= MAX_KEEP_ALIVE_SECONDS:  # NaN too
+        raise bad_request(f"keep_alive must be within ten years either way ({MAX_KEEP_ALIVE_SECONDS:.0f} s; "
+                          f"negative: forever), got {str(value)[:40]}", "keep_alive")  # fmt: skip
+    return math.inf if seconds < 0 else seconds
 
 
 def gib(n: float) -> str:

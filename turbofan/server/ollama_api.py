@@ -16,13 +16,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 import turbofan
 from turbofan.engine import RequestDelta, RequestOutput, SamplingParams
 from turbofan.model.footprint import is_encoder
-from turbofan.server import gotemplate
-from turbofan.server.errors import APIError, bad_request
+from turbofan.server import gotemplate, limits
+from turbofan.server.errors import APIError, bad_request, redact
 from turbofan.server.manager import parse_keep_alive
 from turbofan.server.reasoning import ReasoningParser, end_token_for
 from turbofan.server.serving import (
@@ -61,10 +61,23 @@ class OllamaModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def check_options(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The bounded options (stop strings: docs/api.md, "Limits"), checked before the model loads."""
+    if options:
+        limits.check_stop(options.get("stop"))
+    return options
+
+
 class OllamaMessage(OllamaModel):
     role: str
     content: str | None = ""
     images: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _calls_are_objects(self) -> OllamaMessage:
+        """An earlier turn's tool_calls are indexed by the template: objects only (else a 400, not a 500)."""
+        limits.check_tool_calls((self.model_extra or {}).get("tool_calls"))
+        return self
 
 
 class GenerateRequest(OllamaModel):
@@ -84,6 +97,9 @@ class GenerateRequest(OllamaModel):
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
+    _options = field_validator("options")(check_options)
+    _keep_alive = field_validator("keep_alive")(limits.check_keep_alive)
+
 
 class ChatRequest(OllamaModel):
     model: str | None = None
@@ -96,6 +112,10 @@ class ChatRequest(OllamaModel):
     think: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+
+    _options = field_validator("options")(check_options)
+    _keep_alive = field_validator("keep_alive")(limits.check_keep_alive)
+    _tools = field_validator("tools", mode="before")(lambda v: limits.check_count(v, limits.MAX_TOOLS, "tools"))
 
 
 class NameRequest(OllamaModel):
@@ -375,7 +395,7 @@ async def _ndjson(
             if delta.finished:
                 yield _line(final(gen.output()))
     except APIError as exc:
-        yield _line({"error": exc.message})
+        yield _line({"error": redact(exc.message)})
 
 
 def _load_response(model: str, keep_alive: Any, chat: bool) -> dict:
@@ -686,10 +706,10 @@ async def pull(body: NameRequest, request: Request):
                     getter.cancel()
             resolved = task.result()
         except APIError as exc:
-            yield _line({"error": exc.message})
+            yield _line({"error": redact(exc.message)})
             return
         except Exception as exc:  # noqa: BLE001 — reported on the stream
-            yield _line({"error": f"pull failed: {exc}"})
+            yield _line({"error": redact(f"pull failed: {exc}")})
             return
         finally:
             if not task.done():

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 import turbofan
 from turbofan.engine import CompletionDelta, CompletionOutput, Logprob, RequestOutput, SamplingParams
+from turbofan.server import limits
 from turbofan.server.errors import APIError, bad_request, openai_error_body
 from turbofan.server.protocol import (
     ChatCompletionRequest,
@@ -86,6 +87,15 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
             raise bad_request(f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size})", "logit_bias")
         out[token] = float(value)
     return out
+
+
+def check_vocab(body: SamplingFields, client) -> None:
+    """stop_token_ids inside the model's vocabulary, checked as soon as the model is known: an id past it would
+    fail inside the engine step, ending every request of that step."""
+    vocab = min(client.tokenizer.vocab_size, client.info.vocab_size or client.tokenizer.vocab_size)
+    error = limits.vocab_error(body.stop_token_ids, vocab)
+    if error is not None:
+        raise bad_request(error, "stop_token_ids")
 
 
 def sampling_params(
@@ -257,10 +267,26 @@ def render_chat(client, messages: list[dict], template: str | None, **kwargs) ->
         raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None
 
 
+def check_request_template(body: ChatCompletionRequest, trusted: bool) -> None:
+    """A request's own Jinja template is code the server runs: refused unless the server trusts its clients
+    (--trust-request-chat-template, vLLM's flag), because the sandbox bounds what a template reaches, not how long
+    it runs. `chat_template_kwargs` may not smuggle one in either."""
+    if "chat_template" in (body.chat_template_kwargs or {}):
+        raise bad_request("chat_template_kwargs may not hold a chat_template", "chat_template_kwargs")
+    if body.chat_template is not None and not trusted:
+        raise bad_request(
+            "this server does not render a request's own chat_template (start it with --trust-request-chat-template "
+            "to allow that, or --chat-template to set one for every request)",
+            "chat_template",
+        )
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = ctx_of(request)
+    check_request_template(body, ctx.settings.trust_request_chat_template)
     client = await ctx.require_model(body.model)
+    check_vocab(body, client)
     if not body.messages:
         raise bad_request("messages must contain at least one message", "messages")
     if body.top_logprobs is not None and not body.logprobs:
@@ -470,6 +496,7 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> tuple[list[list[in
 async def completions(body: CompletionRequest, request: Request):
     ctx = ctx_of(request)
     client = await ctx.require_model(body.model)
+    check_vocab(body, client)
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:

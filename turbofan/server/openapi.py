@@ -1,9 +1,10 @@
 """An honest `/openapi.json`: the statuses the server really answers, with each API's error schema.
 
 FastAPI documents 200 and 422 only, but validation errors are 400 here and every route may also answer 401 (a
-key is set), 404, 408 (a body that stalls), 413 (a body over the limit), 500 (a request that failed while being
-served) and 503 (loading, queue full, shutting down). Streams are documented with their media types, `/metrics`
-as Prometheus text, `/health` with its 503. Generated schemathesis cases check all of it (tests/test_openapi.py).
+key is set), 403 (a Host or Origin refused by the browser boundary), 404, 408 (a body that stalls), 413 (a body
+over the limit), 500 (a request that failed while being served) and 503 (loading, queue full, shutting down).
+Streams are documented with their media types, `/metrics` as Prometheus text, `/health` with its 503. Generated
+schemathesis cases check all of it (tests/test_openapi.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ HEALTH = {
 ERRORS = {
     "400": "Invalid request: a field, the JSON or the text encoding",
     "401": "Missing or wrong API key",
+    "403": "A Host or Origin this server does not serve (the browser boundary: docs/api.md)",
     "404": "Unknown model or route",
     "408": "The request body did not arrive in time",
     "413": "The request body is larger than the limit",

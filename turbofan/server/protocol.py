@@ -10,7 +10,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from turbofan.server import limits
 
 
 def random_id(prefix: str) -> str:
@@ -57,6 +59,9 @@ class SamplingFields(OpenAIModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    _stop = field_validator("stop", mode="before")(limits.check_stop)
+    _stop_ids = field_validator("stop_token_ids")(limits.check_stop_token_ids)
+
 
 class TextContentPart(OpenAIModel):
     type: str
@@ -73,6 +78,7 @@ class ChatMessage(OpenAIModel):
         """Only an assistant message (one that calls tools) may leave its content out, as in OpenAI's API."""
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        limits.check_tool_calls((self.model_extra or {}).get("tool_calls"))
         return self
 
 
@@ -89,6 +95,12 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _bounded_tools(self) -> ChatCompletionRequest:
+        """Every tool is rendered into the prompt and compiled into a grammar: at most MAX_TOOLS."""
+        limits.check_count((self.model_extra or {}).get("tools"), limits.MAX_TOOLS, "tools")
+        return self
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -97,6 +109,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     add_special_tokens: bool = True
+
+    _prompts = field_validator("prompt", mode="before")(limits.check_prompt_count)
 
 
 class TokenizeRequest(OpenAIModel):

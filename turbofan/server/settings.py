@@ -12,9 +12,16 @@ LOCAL_ORIGIN_REGEX = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 class ServerSettings:
     api_key: str | None = None
     allowed_origins: list[str] | None = None  # None: localhost origins only; ["*"]: any origin
+    # The bind address (None: not bound to a socket, as in tests) and the names added to the Host check
+    # (server/boundary.py): on a loopback bind only IP literals, localhost, *.localhost and this machine's name pass.
+    host: str | None = None
+    allowed_hosts: list[str] | None = None
     served_model_names: list[str] = field(default_factory=list)  # empty: the engine's model name
     max_waiting: int = 256
     chat_template: str | None = None  # overrides the tokenizer's template
+    # A request's own Jinja `chat_template` runs only with --trust-request-chat-template (vLLM's flag): the sandbox
+    # bounds attribute access, not work (nested range loops pin a thread for hours).
+    trust_request_chat_template: bool = False
     stats_interval: float = 10.0  # seconds between engine-stats log lines; 0 turns them off
     models_dir: str | None = None  # the model store (for /api/tags, /api/pull, ...); None: its default
     tool_call_parser: str | None = None  # None: chosen from the chat template (server/tool_parsers.py)
