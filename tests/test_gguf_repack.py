@@ -55,8 +55,8 @@ TYPES_8 = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K",
 
 
 @pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernels")
-@pytest.mark.parametrize(("type_name", "bits"), [(t, 8) for t in TYPES_8] + [(t, 4) for t in ("Q4_0", "Q4_1", "Q4_K")])
-def test_kernel_repack_is_the_reference_byte_for_byte(type_name, bits):
+@pytest.mark.parametrize(("type_name", "fmt"), [(t, "q8") for t in TYPES_8] + [(t, "q4") for t in ("Q4_0", "Q4_1", "Q4_K")])
+def test_kernel_repack_is_the_reference_byte_for_byte(type_name, fmt):
     if type_name == "BF16":
         import gguf
 
@@ -64,20 +64,20 @@ def test_kernel_repack_is_the_reference_byte_for_byte(type_name, bits):
                                    gguf.GGMLQuantizationType.BF16)  # fmt: skip
     else:
         raw = gguf_bytes(type_name)
-    ours = repack(raw, type_name, (N, K), bits)
-    assert _same(ours, reference_repack(raw, type_name, (N, K), bits))
-    assert _same(ours, quantize(_dequantized(raw, type_name), bits)) or bits == 4  # q8: the float path exactly
+    ours = repack(raw, type_name, (N, K), fmt)
+    assert _same(ours, reference_repack(raw, type_name, (N, K), fmt))
+    assert _same(ours, quantize(_dequantized(raw, type_name), 8)) or fmt == "q4"  # q8: the float path exactly
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
 def test_legacy_4bit_types_are_carried_exactly(type_name):
     raw = gguf_bytes(type_name)
-    assert torch.equal(dequantize(repack(raw, type_name, (N, K), 4)), _dequantized(raw, type_name))
+    assert torch.equal(dequantize(repack(raw, type_name, (N, K), "q4")), _dequantized(raw, type_name))
 
 
 def test_q8_0_is_carried_exactly():
     raw = gguf_bytes("Q8_0")
-    q = repack(raw, "Q8_0", (N, K), 8)
+    q = repack(raw, "Q8_0", (N, K), "q8")
     assert torch.equal(dequantize(q), _dequantized(raw, "Q8_0"))
 
 
@@ -86,7 +86,7 @@ def test_q4_k_keeps_its_codes_and_rounds_only_the_scales():
     the file's, and each value is off by at most that rounding (2^-11 relative, times the largest code)."""
     raw = gguf_bytes("Q4_K")
     ref = _dequantized(raw, "Q4_K")
-    got = dequantize(repack(raw, "Q4_K", (N, K), 4))
+    got = dequantize(repack(raw, "Q4_K", (N, K), "q4"))
     blocks = ref.reshape(N, K // 32, 32)
     span = blocks.abs().amax(-1, keepdim=True)
     assert bool(((got.reshape(N, K // 32, 32) - blocks).abs() <= span * 16 * 2.0**-11 + 1e-7).all())
@@ -95,7 +95,7 @@ def test_q4_k_keeps_its_codes_and_rounds_only_the_scales():
 def test_a_mixed_fusion_requantizes_from_floats():
     """A Q6_K tensor in a q4 plan (int4 on a Q4_K_M file) goes the float way: dequantize, quantize to 4 bits."""
     raw = gguf_bytes("Q6_K")
-    assert _same(repack(raw, "Q6_K", (N, K), 4), quantize(_dequantized(raw, "Q6_K"), 4))
+    assert _same(repack(raw, "Q6_K", (N, K), "q4"), quantize(_dequantized(raw, "Q6_K"), 4))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -105,3 +105,48 @@ def test_embedding_rows_are_the_dequantized_rows(bits):
     ids = torch.tensor([[0, 5, 17], [63, 17, 31]])
     rows = dequantize_rows(q, ids.flatten()).reshape(2, 3, 96)
     assert torch.equal(rows, dequantize(q)[ids])
+
+
+# -- the K formats: Q4_K and Q6_K kept as stored ----------------------------------------------------------------
+@pytest.mark.parametrize(("type_name", "fmt"), [("Q4_K", "q4k"), ("Q6_K", "q6k")])
+def test_k_formats_hold_the_files_values_exactly(type_name, fmt):
+    raw = gguf_bytes(type_name)
+    q = reference_repack(raw, type_name, (N, K), fmt)
+    assert q.fmt == fmt and q.shape == (N, K)
+    assert torch.equal(dequantize(q), _dequantized(raw, type_name))
+    ids = torch.tensor([3, 47, 16, 3])
+    assert torch.equal(dequantize_rows(q, ids), _dequantized(raw, type_name)[ids])  # the embedding lookup
+    bits_per_weight = q.nbytes * 8 / (N * K)
+    assert bits_per_weight == {"q4k": 4.625, "q6k": 6.5625}[fmt]  # the file's own size: 4.5 + 1/8, 6.5625
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernels")
+@pytest.mark.parametrize(("type_name", "fmt"), [("Q4_K", "q4k"), ("Q6_K", "q6k")])
+def test_kernel_k_repack_is_the_reference(type_name, fmt):
+    raw = gguf_bytes(type_name, seed=3)
+    assert _same(repack(raw, type_name, (N, K), fmt), reference_repack(raw, type_name, (N, K), fmt))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernels")
+@pytest.mark.parametrize(("type_name", "fmt"), [("Q4_K", "q4k"), ("Q6_K", "q6k")])
+@pytest.mark.parametrize("m", [1, 3, 9, 17])
+def test_k_format_kernel_equals_reference_on_every_isa(type_name, fmt, m):
+    """Exact integer dots, float32 scales formed as ggml forms them; every ISA path gives the same bytes, and a
+    row's output does not depend on its batch mates."""
+    from turbofan.kernels.quant import qlinear, reference_qlinear
+
+    q = repack(gguf_bytes(type_name, seed=m), type_name, (N, K), fmt)
+    x, bias = torch.randn(m, K, generator=torch.Generator().manual_seed(m)), torch.randn(N)
+    outs = {}
+    for isa in ("scalar", "avx2", "avx512"):
+        if kernels.ISA_LEVELS[isa] <= kernels.ISA_LEVELS[kernels.detected_isa()]:
+            with kernels.forced_isa(isa):
+                outs[isa] = qlinear(x, q, bias)
+    ref = reference_qlinear(x, q, bias)
+    first = next(iter(outs.values()))
+    torch.testing.assert_close(first, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    for isa, out in outs.items():
+        assert torch.equal(out, first), isa
+    assert torch.equal(qlinear(x[-1:], q, bias)[0], first[-1])
+    dense = torch.nn.functional.linear(x, dequantize(q), bias)
+    assert (first - dense).norm() / dense.norm() < 0.02

@@ -9,7 +9,7 @@ import torch
 from turbofan import kernels
 from turbofan.kernels.quant import dequantize, qlinear, quantize, reference_qlinear
 from turbofan.model.batch import ForwardBatch
-from turbofan.model.quant import QuantLinear, _bits_of
+from turbofan.model.quant import QuantLinear, _format_of
 from turbofan.model.runner import ModelRunner
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
@@ -107,10 +107,11 @@ def test_quant_linear_falls_back_without_kernels(monkeypatch):
 
 
 def test_gguf_types_map_to_block_formats():
-    assert _bits_of({"Q4_1"}) == 4
-    assert _bits_of({"Q4_K", "Q6_K"}) == 8  # a fused matrix takes its most precise part
-    assert _bits_of({"Q8_0"}) == 8
-    assert _bits_of({"F32"}) is None and _bits_of({"Q4_K", "F16"}) is None
+    assert _format_of({"Q4_1"}) == "q4"
+    assert _format_of({"Q4_K"}) == "q4k" and _format_of({"Q6_K"}) == "q6k"  # the file's own blocks
+    assert _format_of({"Q4_K", "Q6_K"}) == "q8"  # a fused matrix takes its most precise part
+    assert _format_of({"Q8_0"}) == "q8" and _format_of({"Q5_0"}) == "q8"
+    assert _format_of({"F32"}) is None and _format_of({"Q4_K", "F16"}) is None
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "int4_all"])

@@ -205,23 +205,112 @@ static int64_t row_bytes(int64_t type, int64_t k) {
   }
 }
 
+// Q4_K rows -> q4k: the codes in q4's nibble layout, the 6-bit sub-block scales and mins as bytes, the super-block
+// d and dmin as stored (kernels/quant.py "q4k").
+static void q4k_panel(const uint8_t* src, int64_t stride, int64_t nb, uint8_t* qw, uint8_t* sc, uint8_t* mn,
+                      uint16_t* sup) {
+  std::vector<uint8_t> codes(nb * 32);
+  for (int r = 0; r < 16; ++r) {
+    const uint8_t* row = src + r * stride;
+    for (int64_t sb = 0; sb < nb / 8; ++sb) {
+      const uint8_t* blk = row + sb * 144;
+      sup[sb * 32 + r] = static_cast<uint16_t>(blk[0] | (blk[1] << 8));
+      sup[sb * 32 + 16 + r] = static_cast<uint16_t>(blk[2] | (blk[3] << 8));
+      for (int s = 0; s < 8; ++s) {
+        uint8_t scale, min;
+        scale_min_k4(s, blk + 4, &scale, &min);
+        const int64_t b = sb * 8 + s;
+        sc[b * 16 + r] = scale;
+        mn[b * 16 + r] = min;
+        for (int l = 0; l < 32; ++l) codes[b * 32 + l] = (blk[16 + 32 * (s / 2) + l] >> (4 * (s % 2))) & 0xF;
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* c = codes.data() + b * 32;
+      uint8_t* dst = qw + b * 256 + r * 4;
+      for (int j = 0; j < 4; ++j)
+        for (int e = 0; e < 4; ++e) dst[j * 64 + e] = c[4 * j + e] | (c[4 * (j + 4) + e] << 4);
+    }
+  }
+}
+
+// Q6_K rows -> q6k: codes 0..63 as q4's nibble planes plus a plane of their top two bits (byte (row, e) of plane h
+// holds quads 4h..4h+3's bits at 2t), the int8 scales per 16, the super-block d as stored.
+static void q6k_panel(const uint8_t* src, int64_t stride, int64_t nb, uint8_t* qw, int8_t* sc, uint16_t* sup) {
+  std::vector<uint8_t> codes(nb * 32);
+  for (int r = 0; r < 16; ++r) {
+    const uint8_t* row = src + r * stride;
+    for (int64_t sb = 0; sb < nb / 8; ++sb) {
+      const uint8_t* blk = row + sb * 210;
+      sup[sb * 16 + r] = static_cast<uint16_t>(blk[208] | (blk[209] << 8));
+      const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
+      for (int j = 0; j < 8; ++j) {
+        sc[(sb * 8 + j) * 32 + r] = scales[2 * j];
+        sc[(sb * 8 + j) * 32 + 16 + r] = scales[2 * j + 1];
+      }
+      for (int i = 0; i < 256; ++i) {
+        const int h = i / 128, j = i % 128;
+        const int lo = j < 64 ? (blk[64 * h + j] & 0xF) : (blk[64 * h + j - 64] >> 4);
+        const int hi = (blk[128 + 32 * h + j % 32] >> (2 * (j / 32))) & 3;
+        codes[sb * 256 + i] = static_cast<uint8_t>(lo | (hi << 4));
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* c = codes.data() + b * 32;
+      uint8_t* dst = qw + b * 384 + r * 4;
+      for (int j = 0; j < 4; ++j)
+        for (int e = 0; e < 4; ++e) dst[j * 64 + e] = (c[4 * j + e] & 0xF) | ((c[4 * (j + 4) + e] & 0xF) << 4);
+      for (int h = 0; h < 2; ++h)
+        for (int e = 0; e < 4; ++e) {
+          uint8_t bits = 0;
+          for (int t = 0; t < 4; ++t) bits |= ((c[4 * (4 * h + t) + e] >> 4) & 3) << (2 * t);
+          dst[256 + h * 64 + e] = bits;
+        }
+    }
+  }
+}
+
 // raw: uint8 [N, row bytes] of ggml type `type`, rows of K weights -> (qweight, scales, mins, wsum) in the panel
-// layout of kernels/quant.py `pack` (mins empty for q8, wsum empty for q4).
-std::vector<at::Tensor> gguf_repack(const at::Tensor& raw, int64_t type, int64_t k, int64_t bits) {
+// layout of kernels/quant.py (`pack` for q4/q8; the K formats as described in quant_matmul.cpp). fmt: "q4" (from
+// Q4_0/Q4_1/Q4_K), "q8" (from any decoded type), "q4k" (from Q4_K), "q6k" (from Q6_K). Unused slots are empty.
+std::vector<at::Tensor> gguf_repack(const at::Tensor& raw, int64_t type, int64_t k, c10::string_view fmt) {
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.is_contiguous(), "raw must be uint8 [N, bytes]");
   const int64_t n = raw.size(0), nb = k / 32, panels = n / 16;
   TORCH_CHECK(n % 16 == 0 && k % 32 == 0, "gguf_repack needs N % 16 == 0 and K % 32 == 0");
   TORCH_CHECK(row_bytes(type, k) == raw.size(1), "gguf_repack: ggml type ", type, " rows of ", k,
               " weights are not ", raw.size(1), " bytes");
+  const bool q4k = fmt == "q4k", q6k = fmt == "q6k";
+  const int64_t bits = fmt == "q4" ? 4 : fmt == "q8" ? 8 : 0;
+  TORCH_CHECK(!q4k || type == kQ4_K, "gguf_repack: q4k is made from Q4_K only");
+  TORCH_CHECK(!q6k || type == kQ6_K, "gguf_repack: q6k is made from Q6_K only");
   const bool direct4 = bits == 4 && (type == kQ4_0 || type == kQ4_1 || type == kQ4_K);
-  TORCH_CHECK(direct4 || bits == 8, "gguf_repack: q4 is made from Q4_0, Q4_1 and Q4_K only");
+  TORCH_CHECK(q4k || q6k || direct4 || bits == 8, "gguf_repack: q4 is made from Q4_0, Q4_1 and Q4_K only");
   auto opts = at::TensorOptions().dtype(at::kByte);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  const int64_t stride = raw.size(1);
+  if (q4k || q6k) {
+    at::Tensor qweight = at::empty({panels, nb * (q6k ? 384 : 256)}, opts);
+    at::Tensor scales = at::empty({panels, nb * (q6k ? 32 : 16)}, opts.dtype(q6k ? at::kChar : at::kByte));
+    at::Tensor mins = q6k ? at::empty({0}, opts) : at::empty({panels, nb * 16}, opts);
+    at::Tensor supers = at::empty({panels, nb / 8 * (q6k ? 16 : 32)}, opts.dtype(at::kHalf));
+    uint8_t* qw = qweight.data_ptr<uint8_t>();
+    uint16_t* sup = reinterpret_cast<uint16_t*>(supers.data_ptr());
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        if (q6k)
+          q6k_panel(src + p * 16 * stride, stride, nb, qw + p * nb * 384, scales.data_ptr<int8_t>() + p * nb * 32,
+                    sup + p * (nb / 8) * 16);
+        else
+          q4k_panel(src + p * 16 * stride, stride, nb, qw + p * nb * 256, scales.data_ptr<uint8_t>() + p * nb * 16,
+                    mins.data_ptr<uint8_t>() + p * nb * 16, sup + p * (nb / 8) * 32);
+      }
+    });
+    return {qweight, scales, mins, supers};
+  }
   at::Tensor qweight = at::empty({panels, nb * (bits == 4 ? 256 : 512)}, bits == 4 ? opts : opts.dtype(at::kChar));
   at::Tensor scales = at::empty({panels, nb * 16}, opts.dtype(at::kHalf));
   at::Tensor mins = bits == 4 ? at::empty({panels, nb * 16}, opts.dtype(at::kHalf)) : at::empty({0}, opts.dtype(at::kHalf));
   at::Tensor wsum = bits == 8 ? at::empty({panels, nb * 16}, opts.dtype(at::kInt)) : at::empty({0}, opts.dtype(at::kInt));
-  const uint8_t* src = raw.data_ptr<uint8_t>();
-  const int64_t stride = raw.size(1);
   uint8_t* qw = reinterpret_cast<uint8_t*>(qweight.data_ptr());
   uint16_t* sc = reinterpret_cast<uint16_t*>(scales.data_ptr());
   uint16_t* mn = bits == 4 ? reinterpret_cast<uint16_t*>(mins.data_ptr()) : nullptr;
@@ -284,5 +373,5 @@ std::vector<at::Tensor> gguf_repack(const at::Tensor& raw, int64_t type, int64_t
 }  // namespace turbofan
 
 TORCH_LIBRARY_FRAGMENT(turbofan, m) {
-  m.def("gguf_repack(Tensor raw, int type, int k, int bits) -> Tensor[]", &turbofan::repack::gguf_repack);
+  m.def("gguf_repack(Tensor raw, int type, int k, str fmt) -> Tensor[]", &turbofan::repack::gguf_repack);
 }

@@ -114,3 +114,103 @@ static void matmul_panels(const uint8_t* w, const at::Half* wd, const at::Half* 
     }
   }
 }
+
+// -- The K formats: GGUF's Q4_K and Q6_K kept as they are stored (turbofan/kernels/quant.py, "q4k" / "q6k") --------
+// q4k: q4's codes; per block of 32 a 6-bit scale and min (uint8), per 256 a float16 d and dmin: w = (d*sc)*q - dmin*m.
+// q6k: 6-bit codes (q4's nibble planes + a 2-bit plane), per 16 an int8 scale, per 256 a float16 d:
+//      w = (d*sc)*(q - 32). Both products are formed in float32 as ggml forms them, so the weights are the file's.
+// (the includer also defines vf_from_u8(p) / vf_from_i8(p): kLanes uint8 / int8 values, converted to float)
+static inline VI vi_or(VI a, VI b) { return TF_SI(or)(a, b); }
+static inline VI vi_slli16(VI a, int s) { return TF_MM(slli_epi16)(a, s); }
+
+template <int MR, bool Q6>
+static inline void panel_tile_k(const uint8_t* w, const void* wsc, const uint8_t* wm, const at::Half* sup, int64_t nb,
+                                int half, const int8_t* xq, const float* xd, const float* xs, const int32_t* xh,
+                                int64_t k, float* out, int64_t ldo) {
+  constexpr int64_t kBlockBytes = Q6 ? 384 : 256;
+  VF acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = vf_zero();
+  for (int64_t b = 0; b < nb; ++b) {
+    VI lo_dots[MR], hi_dots[MR];
+    for (int r = 0; r < MR; ++r) lo_dots[r] = hi_dots[r] = vi_zero();
+    const uint8_t* wb = w + b * kBlockBytes + half * kLanes * 4;
+    for (int g = 0; g < (Q6 ? 6 : 4); ++g) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBytes + g * 64), _MM_HINT_T0);
+    VI h0 = vi_zero(), h1 = vi_zero();
+    if constexpr (Q6) {
+      h0 = vi_load(wb + 256);
+      h1 = vi_load(wb + 320);
+    }
+    for (int g = 0; g < 4; ++g) {
+      const VI raw = vi_load(wb + g * 64);
+      VI lo = vi_and(raw, vi_set1_8(0x0F)), hi = vi_and(vi_srli16(raw, 4), vi_set1_8(0x0F));
+      if constexpr (Q6) {  // the two high bits of quad g (plane 0) and quad g + 4 (plane 1)
+        lo = vi_or(lo, vi_slli16(vi_and(vi_srli16(h0, 2 * g), vi_set1_8(0x03)), 4));
+        hi = vi_or(hi, vi_slli16(vi_and(vi_srli16(h1, 2 * g), vi_set1_8(0x03)), 4));
+      }
+      for (int r = 0; r < MR; ++r) {
+        const int8_t* xb = xq + r * k + b * kBlock;
+        lo_dots[r] = dot_q4(lo_dots[r], lo, load_quad(xb + 4 * g));
+        hi_dots[r] = dot_q4(hi_dots[r], hi, load_quad(xb + 4 * (g + 4)));
+      }
+    }
+    if constexpr (Q6) {  // halves of 16: quads 0..3 (low nibbles) and 4..7 (high nibbles), a scale each
+      const VF d = vf_load_half(sup + (b / 8) * 16 + half * kLanes);
+      const int8_t* sc = static_cast<const int8_t*>(wsc) + b * 32 + half * kLanes;
+      const VF ds0 = vf_mul(d, vf_from_i8(sc)), ds1 = vf_mul(d, vf_from_i8(sc + 16));
+      for (int r = 0; r < MR; ++r) {
+        const VF x = vf_set1(xd[r * nb + b]);
+        const VF c0 = vi_to_f(vi_sub32(lo_dots[r], TF_MM(set1_epi32)(32 * xh[(r * nb + b) * 2])));
+        const VF c1 = vi_to_f(vi_sub32(hi_dots[r], TF_MM(set1_epi32)(32 * xh[(r * nb + b) * 2 + 1])));
+        acc[r] = vf_fmadd(c0, vf_mul(ds0, x), acc[r]);
+        acc[r] = vf_fmadd(c1, vf_mul(ds1, x), acc[r]);
+      }
+    } else {
+      const at::Half* s = sup + (b / 8) * 32 + half * kLanes;
+      const int64_t sb = b * 16 + half * kLanes;
+      const VF dw = vf_mul(vf_load_half(s), vf_from_u8(static_cast<const uint8_t*>(wsc) + sb));
+      const VF mw = vf_mul(vf_load_half(s + 16), vf_from_u8(wm + sb));
+      for (int r = 0; r < MR; ++r) {
+        const VI dots = TF_MM(add_epi32)(lo_dots[r], hi_dots[r]);
+        acc[r] = vf_fmadd(vi_to_f(dots), vf_mul(dw, vf_set1(xd[r * nb + b])), acc[r]);
+        acc[r] = TF_MM(fnmadd_ps)(mw, vf_set1(xs[r * nb + b]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) vf_store(out + r * ldo, acc[r]);
+}
+
+template <bool Q6>
+static void matmul_panels_k(const uint8_t* w, const void* wsc, const uint8_t* wm, const at::Half* sup, int64_t p0,
+                            int64_t p1, int64_t k, const int8_t* xq, const float* xd, const float* xs,
+                            const int32_t* xh, int64_t m, float* out, int64_t n) {
+  const int64_t nb = k / kBlock;
+  const int64_t panel_bytes = nb * (Q6 ? 384 : 256);
+  const int64_t scale_bytes = nb * (Q6 ? 32 : 16);
+  const int64_t sup_len = nb / 8 * (Q6 ? 16 : 32);
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* wp = w + p * panel_bytes;
+    const void* sp = static_cast<const uint8_t*>(wsc) + p * scale_bytes;
+    const uint8_t* mp = Q6 ? nullptr : wm + p * scale_bytes;
+    const at::Half* up = sup + p * sup_len;
+    for (int half = 0; half < 16 / kLanes; ++half) {
+      float* o = out + p * 16 + half * kLanes;
+      int64_t i = 0;
+      for (; i + kRows <= m; i += kRows)
+        panel_tile_k<kRows, Q6>(wp, sp, mp, up, nb, half, xq + i * k, xd + i * nb, xs + i * nb, xh + i * nb * 2, k,
+                                o + i * n, n);
+      if (kRows > 4 && i + 4 <= m) {
+        panel_tile_k<4, Q6>(wp, sp, mp, up, nb, half, xq + i * k, xd + i * nb, xs + i * nb, xh + i * nb * 2, k,
+                            o + i * n, n);
+        i += 4;
+      }
+      if (i + 2 <= m) {
+        panel_tile_k<2, Q6>(wp, sp, mp, up, nb, half, xq + i * k, xd + i * nb, xs + i * nb, xh + i * nb * 2, k,
+                            o + i * n, n);
+        i += 2;
+      }
+      if (i < m)
+        panel_tile_k<1, Q6>(wp, sp, mp, up, nb, half, xq + i * k, xd + i * nb, xs + i * nb, xh + i * nb * 2, k,
+                            o + i * n, n);
+    }
+  }
+}

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from turbofan.kernels.quant import QuantizedWeight, quantize
+from turbofan.kernels.quant import BITS, QuantizedWeight, quantize
 from turbofan.model.architectures import model_args_from_config
 from turbofan.model.args import ModelArgs
 
@@ -46,8 +46,9 @@ class Checkpoint(Protocol):
         """The tensor in Hugging Face layout, in its stored float dtype (a GGUF tensor: float32)."""
         ...
 
-    def quantized(self, ref: TensorRef, bits: int) -> QuantizedWeight:
-        """The tensor in turbofan's `bits` block format, without materialising more than a slice in float32."""
+    def quantized(self, ref: TensorRef, fmt: str) -> QuantizedWeight:
+        """The tensor in turbofan's block format `fmt` (kernels/quant.py), without materialising more than a slice
+        in float32."""
         ...
 
 
@@ -126,8 +127,8 @@ class SafetensorsCheckpoint:
         with self._open(str(self._file_of[ref.source]), framework="pt") as f:
             return f.get_tensor(ref.source)
 
-    def quantized(self, ref: TensorRef, bits: int) -> QuantizedWeight:
-        return quantize(self.float(ref), bits)
+    def quantized(self, ref: TensorRef, fmt: str) -> QuantizedWeight:
+        return quantize(self.float(ref), BITS[fmt])
 
 
 class GGUFCheckpoint:
@@ -164,7 +165,7 @@ class GGUFCheckpoint:
         values = to_hf_layout(ref.source, values, self.gguf.architecture, self._n_head, self._n_head_kv)
         return torch.from_numpy(np.require(values, np.float32, ["C", "W", "O"]))
 
-    def quantized(self, ref: TensorRef, bits: int) -> QuantizedWeight:
+    def quantized(self, ref: TensorRef, fmt: str) -> QuantizedWeight:
         """Repacked a slice of rows at a time into preallocated panels, so a large matrix (an LM head) costs its
         final size plus one slice, not plus its stored bytes."""
         from turbofan.kernels.quant import PANEL, allocate
@@ -174,15 +175,15 @@ class GGUFCheckpoint:
         info = self._info[ref.source]
         order = layout_row_order(ref.source, self.gguf.architecture, ref.shape[0], self._n_head, self._n_head_kv)
         if order is not None:  # llama.cpp permuted these rows for its rotary layout: undo it on the stored rows
-            return repack(self.gguf.read(info)[order], ref.type_name, ref.shape, bits)
+            return repack(self.gguf.read(info)[order], ref.type_name, ref.shape, fmt)
         n, k = ref.shape
         step = max(PANEL, SLICE_ELEMENTS // k // PANEL * PANEL)
         if step >= n:
-            return repack(self.gguf.read(info), ref.type_name, ref.shape, bits)
-        out = allocate(n, k, bits)
+            return repack(self.gguf.read(info), ref.type_name, ref.shape, fmt)
+        out = allocate(n, k, fmt)
         for start in range(0, n, step):
             part = repack(self.gguf.read(info, slice(start, start + step)), ref.type_name,
-                          (min(step, n - start), k), bits)  # fmt: skip
+                          (min(step, n - start), k), fmt)  # fmt: skip
             out.assign_panels(start // PANEL, part)
         return out
 

@@ -6,7 +6,8 @@ Where turbofan's format holds the file's grid, the codes are carried over unchan
   each sub-block's scale and min rounded once to float16 (the kernel's scale type; relative error <= 2^-11).
 - Q8_0 (w = d * q) -> q8 with the same codes and d: exact (a block using the code -128, which llama.cpp's
   quantizer never writes, goes the general way).
-Every other type (Q5_x, Q6_K, IQ*, F16 ...) and every mixed fusion is dequantized a slice of rows at a time and
+- Q4_K -> q4k and Q6_K -> q6k (kernels/quant.py's K formats): the file's blocks rearranged into panels, exact.
+Every other type (Q5_x, IQ*, F16 ...) and every mixed fusion is dequantized a slice of rows at a time and
 re-quantized to the planned format (`quantize`), so the float32 working set is one slice, never the tensor.
 
 The C++ op `turbofan::gguf_repack` (kernels/gguf_repack.cpp) does the same in one pass over the file's bytes (a
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from turbofan.kernels.quant import PANEL, QuantizedWeight, concat, pack, quantize
+from turbofan.kernels.quant import BITS, PANEL, QuantizedWeight, _pack_codes, _panels, concat, pack, quantize
 
 _Q4_K_BLOCK = 144  # bytes of one 256-weight Q4_K super-block
 SLICE_ELEMENTS = 1 << 24  # weights per slice of rows: 64 MiB of float32 at most on the general path
@@ -96,26 +97,74 @@ def _direct(raw: np.ndarray, type_name: str, bits: int) -> QuantizedWeight | Non
 KERNEL_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
 
 
-def repack(raw: np.ndarray, type_name: str, shape: tuple[int, int], bits: int, use_kernel: bool = True) -> QuantizedWeight:
+# The K formats hold exactly one ggml type each.
+K_SOURCES = {"q4k": "Q4_K", "q6k": "Q6_K"}
+
+
+def repack(raw: np.ndarray, type_name: str, shape: tuple[int, int], fmt: str, use_kernel: bool = True) -> QuantizedWeight:
     """A GGUF tensor's stored bytes `raw` [N, bytes per row] (ggml type `type_name`, torch shape [N, K]) in
-    turbofan's `bits` format: by the C++ op where it decodes the type, else in slices of rows here."""
+    turbofan's format `fmt` (q4, q8, q4k, q6k): by the C++ op where it decodes the type, else here."""
     from gguf import GGMLQuantizationType
 
     from turbofan import kernels
 
-    kernel_ok = type_name in KERNEL_TYPES and (bits == 8 or type_name in _Q4_DECODERS)
+    if fmt in K_SOURCES and type_name != K_SOURCES[fmt]:
+        raise ValueError(f"{fmt} holds {K_SOURCES[fmt]} tensors only, not {type_name}")
+    kernel_ok = type_name in KERNEL_TYPES and (fmt in ("q8", "q4k", "q6k") or type_name in _Q4_DECODERS)
     if use_kernel and kernel_ok and kernels.available():
         qweight, scales, mins, wsum = torch.ops.turbofan.gguf_repack(
-            torch.from_numpy(np.ascontiguousarray(raw)), GGMLQuantizationType[type_name].value, shape[1], bits
+            torch.from_numpy(np.ascontiguousarray(raw)), GGMLQuantizationType[type_name].value, shape[1], fmt
         )
-        return QuantizedWeight(bits, qweight, scales, mins if bits == 4 else None, wsum if bits == 8 else None)
-    return reference_repack(raw, type_name, shape, bits)
+        return QuantizedWeight(BITS[fmt], qweight, scales, mins if fmt in ("q4", "q4k") else None,
+                               wsum if fmt != "q4" else None)  # fmt: skip
+    return reference_repack(raw, type_name, shape, fmt)
 
 
-def reference_repack(raw: np.ndarray, type_name: str, shape: tuple[int, int], bits: int) -> QuantizedWeight:
+def _k_format(raw: np.ndarray, fmt: str) -> QuantizedWeight:
+    """Q4_K -> q4k, Q6_K -> q6k in numpy and PyTorch (the C++ op's reference)."""
+    n = raw.shape[0]
+    if fmt == "q4k":
+        from gguf.quants import Q4_K
+
+        blocks = raw.reshape(-1, _Q4_K_BLOCK)
+        sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # [super-blocks, 8]
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        codes = torch.from_numpy(np.ascontiguousarray((qs & 0x0F).reshape(n, -1, 32)))
+        supers = np.stack([_f16(blocks, 0), _f16(blocks, 2)], axis=-1).reshape(n, -1, 2)  # [N, K/256, (d, dmin)]
+        return QuantizedWeight(
+            4, _pack_codes(codes, 4), _panels(torch.from_numpy(sc.reshape(n, -1).copy())).reshape(n // PANEL, -1),
+            _panels(torch.from_numpy(m.reshape(n, -1).copy())).reshape(n // PANEL, -1),
+            _panels(torch.from_numpy(supers)).reshape(n // PANEL, -1),
+        )
+    blocks = raw.reshape(n, -1, 210)
+    ql, qh = blocks[..., :128], blocks[..., 128:192]
+    scales = blocks[..., 192:208].view(np.int8)  # [N, K/256, 16]
+    # element i of a super-block: half h = i // 128; low nibble from ql[64h + j % 64] (high nibble past 64);
+    # top bits from qh[32h + j % 32] >> 2 * (j // 32), with j = i % 128 (as gguf-py's Q6_K decoder)
+    lo = (ql.reshape(n, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
+    hi = (qh.reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)) & 0x03
+    codes = (lo.reshape(n, -1, 256) | (hi.reshape(n, -1, 256) << 4)).reshape(n, -1, 8, 4)  # [N, K/32, 8 quads, 4]
+    low = torch.from_numpy(np.ascontiguousarray((codes & 0x0F).reshape(n, -1, 32)))
+    top = torch.from_numpy(np.ascontiguousarray(codes >> 4)).to(torch.int32)  # [N, nb, 8, 4]
+    planes = sum(top[:, :, t::4] << (2 * t) for t in range(4)).to(torch.uint8)  # [N, nb, 2 planes, 4]
+    planes = _panels(planes).permute(0, 1, 2, 4, 3).reshape(n // PANEL, -1, 128)  # [P, nb, 2 planes x 16 rows x 4]
+    nb = planes.shape[1]
+    qweight = torch.cat((_pack_codes(low, 4).reshape(n // PANEL, nb, 256), planes), dim=2).reshape(n // PANEL, -1)
+    sc = _panels(torch.from_numpy(scales.reshape(n, -1, 2).copy())).reshape(n // PANEL, -1)  # halves of 16
+    d = _panels(torch.from_numpy(np.ascontiguousarray(_f16(blocks, 208)))).reshape(n // PANEL, -1)
+    return QuantizedWeight(6, qweight, sc, None, d)
+
+
+def reference_repack(raw: np.ndarray, type_name: str, shape: tuple[int, int], fmt: str) -> QuantizedWeight:
     """The same in numpy and PyTorch, a slice of rows at a time: the yardstick for the C++ op."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
+
+    if fmt in K_SOURCES:
+        if type_name != K_SOURCES[fmt]:
+            raise ValueError(f"{fmt} holds {K_SOURCES[fmt]} tensors only, not {type_name}")
+        return _k_format(raw, fmt)
+    bits = BITS[fmt]
 
     n, k = shape
     step = _slice_rows(k)

@@ -220,7 +220,7 @@ class CausalLM(nn.Module):
                 key = str(value.dtype).removeprefix("torch.")
                 out[key] = out.get(key, 0) + value.numel() * value.element_size()
             elif hasattr(value, "q"):
-                out[f"q{value.bits}"] = out.get(f"q{value.bits}", 0) + value.nbytes
+                out[value.q.fmt] = out.get(value.q.fmt, 0) + value.nbytes
 
         for module in self.modules():
             for value in vars(module).values():

@@ -85,11 +85,11 @@ def load_model(
     for target, refs in groups.items():
         if target not in expected:
             continue
-        bits = plan.get(target)
-        if bits and _quantizable(refs):
-            q = concat([checkpoint.quantized(r, bits) for r in refs])
+        fmt = plan.get(target)
+        if fmt and _quantizable(refs):
+            q = concat([checkpoint.quantized(r, fmt) for r in refs])
             _set(model, target, QuantLinear(q))
-            counts[f"q{bits}"] += 1
+            counts[fmt] += 1
             continue
         parts = [checkpoint.float(r) for r in refs]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -97,7 +97,7 @@ def load_model(
             t = t.float() + args.norm_offset
         _set(model, target, t.to(device=device, dtype=dtype).contiguous())
         del t, parts
-        if bits:
+        if fmt:
             counts["float"] += 1
     if tied:
         _set(model, "lm_head", model.embed if isinstance(model.embed, QuantLinear) else model.embed.data)

@@ -1,9 +1,11 @@
 """Low-bit weights: which linear layers are served in 4 or 8 bits, and the object that runs them.
 
 `--quantization` (EngineConfig.quantization):
-- `auto` (default): a GGUF model keeps each matrix close to the file's own precision — 4-bit types (Q4_0, Q4_1,
-  Q4_K, ...) become turbofan's 4-bit blocks, 5- to 8-bit types (Q5_x, Q6_K, Q8_0) its 8-bit blocks, float matrices
-  stay float32; the token embedding and the LM head too (the embedding lookup dequantizes only the rows it needs).
+- `auto` (default): a GGUF model keeps each matrix at the file's own precision — Q4_K and Q6_K tensors in
+  turbofan's K formats (the file's blocks, exactly), other 4-bit types (Q4_0, Q4_1, ...) in its 4-bit blocks,
+  other 5- to 8-bit types (Q5_x, Q8_0) and matrices fused from different types (q/k/v of a Q4_K_M file) in its
+  8-bit blocks, float matrices float32; the token embedding and the LM head too (the embedding lookup dequantizes
+  only the rows it needs).
   A safetensors model stays float32 (the exact path).
 - `int8` / `int4`: every layer matrix in 8 / 4 bits (the embedding and LM head in 8 bits), whatever the source.
 - `int4_all`: every matrix in 4 bits, the LM head too: the fewest bytes a step reads, for a speculative draft model
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from turbofan import kernels
-from turbofan.kernels.quant import BLOCK, QuantizedWeight, dequantize, dequantize_rows, quantizable, quantize
+from turbofan.kernels.quant import BITS, BLOCK, QuantizedWeight, dequantize, dequantize_rows, quantizable, quantize
 from turbofan.model.layers import CausalLM
 
 if TYPE_CHECKING:
@@ -59,6 +61,10 @@ class QuantLinear:
         return cls(quantize(weight, bits), bias)
 
     @property
+    def fmt(self) -> str:
+        return self.q.fmt
+
+    @property
     def nbytes(self) -> int:
         return self.q.nbytes + (0 if self.bias is None else self.bias.numel() * 4)
 
@@ -81,11 +87,16 @@ class QuantLinear:
         return out.reshape(*shape[:-1], self.out_features)
 
 
-def _bits_of(types: set[str]) -> int | None:
-    """The block format for a matrix fused from GGUF tensors of these types: the most precise part decides."""
+def _format_of(types: set[str]) -> str | None:
+    """The block format for a matrix fused from GGUF tensors of these types: a lone Q4_K or Q6_K keeps its own
+    blocks (q4k, q6k); otherwise the most precise part decides between q4 and q8."""
     if not types or types - GGUF_4BIT - GGUF_8BIT:
         return None  # a float part (or a type we do not know): keep float32
-    return 8 if types & GGUF_8BIT else 4
+    if types == {"Q4_K"}:
+        return "q4k"
+    if types == {"Q6_K"}:
+        return "q6k"
+    return "q8" if types & GGUF_8BIT else "q4"
 
 
 def is_matrix(target: str) -> bool:
@@ -93,9 +104,9 @@ def is_matrix(target: str) -> bool:
     return target in ("lm_head", "embed") or target.rsplit(".", 1)[-1] in LAYER_MATRICES
 
 
-def plan_for(mode: str, checkpoint: Checkpoint) -> dict[str, int]:
-    """{parameter name: bits} for `--quantization mode`. A tied LM head is the embedding: `embed`'s entry is
-    its format."""
+def plan_for(mode: str, checkpoint: Checkpoint) -> dict[str, str]:
+    """{parameter name: format (q4, q8, q4k, q6k)} for `--quantization mode`. A tied LM head is the embedding:
+    `embed`'s entry is its format."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; turbofan supports: {', '.join(MODES)}")
     if mode == "none":
@@ -108,40 +119,45 @@ def plan_for(mode: str, checkpoint: Checkpoint) -> dict[str, int]:
     if mode == "auto":
         if checkpoint.format != "gguf":
             return {}
-        plan = {name: bits for name, parts in types.items() if (bits := _bits_of(parts))}
+        plan = {name: fmt for name, parts in types.items() if (fmt := _format_of(parts))}
         if tied and "embed" in plan:
             plan["lm_head"] = plan["embed"]
         return plan
-    bits = 8 if mode == "int8" else 4
-    head = 4 if mode == "int4_all" else 8
+    bits = "q8" if mode == "int8" else "q4"
+    head = "q4" if mode == "int4_all" else "q8"
     plan = {name: bits for name in types if name not in ("lm_head", "embed")}
     plan["lm_head"] = plan["embed"] = head
     return plan
 
 
-def planned_bytes(checkpoint: Checkpoint, plan: dict[str, int], float_bytes: int = 4) -> int:
-    """What the weights will take once loaded under `plan` (the preflight's number): q4 blocks of 32 cost 20 bytes,
-    q8 blocks 38 (codes, float16 scale, int32 code sum), float weights `float_bytes` a value. A tied head is free."""
+# bytes of one block of 32 weights in each format (codes and scales; q8 with its int32 code sum)
+BLOCK_BYTES = {"q4": 20.0, "q8": 38.0, "q4k": 18.5, "q6k": 26.25}
+
+
+def planned_bytes(checkpoint: Checkpoint, plan: dict[str, str], float_bytes: int = 4) -> int:
+    """What the weights will take once loaded under `plan` (the preflight's number): a block of 32 weights costs
+    BLOCK_BYTES of its format, a float weight `float_bytes` a value. A tied head is free."""
     total = 0
     for ref in checkpoint.refs:
         n = 1
         for d in ref.shape:
             n *= d
-        bits = plan.get(ref.target)
-        if bits and len(ref.shape) == 2 and ref.shape[-1] % BLOCK == 0:
-            total += n // BLOCK * (20 if bits == 4 else 38)
+        fmt = plan.get(ref.target)
+        if fmt and len(ref.shape) == 2 and ref.shape[-1] % BLOCK == 0:
+            total += int(n // BLOCK * BLOCK_BYTES[fmt])
         else:
             total += n * float_bytes
     return total
 
 
-def quantize_model(model: CausalLM, plan: dict[str, int]) -> str:
+def quantize_model(model: CausalLM, plan: dict[str, str]) -> str:
     """Swap the planned float matrices of a loaded model for QuantLinear objects (the tensor-parallel path, which
     shards float weights first); returns a label of what is served ("q4: 120, q8: 31")."""
     if plan and next(iter(model.parameters())).device.type != "cpu":
         raise ValueError("turbofan's low-bit kernels are for the CPU; on a GPU pass --quantization none")
     counts: Counter[str] = Counter()
-    for name, bits in plan.items():
+    for name, fmt in plan.items():
+        bits = 4 if BITS[fmt] == 4 else 8  # from float weights: q4 or q8 (the K formats are a GGUF file's own)
         if name == "embed":
             continue  # the sharded embedding stays a tensor: the vocabulary-parallel lookup indexes it
         owner_name, _, attr = name.rpartition(".")

@@ -177,6 +177,14 @@ def check_against_model(config, shapes: dict[str, tuple[int, ...]]) -> None:
         )
 
 
+def compact_json(file: Path) -> None:
+    """Rewrite a JSON file without indentation: transformers pretty-prints tokenizer.json, which for a 262k-entry
+    vocabulary (Gemma 3) is 33 MB instead of 14 MB, 13% of the model's GGUF on top of it in the store."""
+    if file.is_file():
+        data = json.loads(file.read_text(encoding="utf-8"))
+        file.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+
+
 def write_tokenizer(gf: GGUFFile, out_dir: Path, context_length: int | None) -> bool:
     """Convert the GGUF tokenizer with transformers and write tokenizer.json + tokenizer_config.json,
     with the chat template inside tokenizer_config.json. Returns whether there is a chat template."""
@@ -189,6 +197,7 @@ def write_tokenizer(gf: GGUFFile, out_dir: Path, context_length: int | None) -> 
             f"cannot convert the tokenizer of {gf.path.name}: {type(exc).__name__}: {exc}"
         ) from exc
     tokenizer.save_pretrained(str(out_dir))
+    compact_json(out_dir / "tokenizer.json")
     cfg_file = out_dir / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
     for key in _DROP_TOKENIZER_KEYS:
