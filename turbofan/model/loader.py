@@ -8,14 +8,17 @@ float values, everything else a float tensor in the model's dtype. Peak memory i
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from turbofan.kernels.quant import concat, quantizable
+from turbofan.kernels.quant import PANEL, QuantizedWeight, allocate, quantizable
 from turbofan.model.checkpoint import Checkpoint, TensorRef, open_checkpoint, read_config
 from turbofan.model.layers import CausalLM
 from turbofan.model.quant import QuantLinear, plan_for
@@ -51,6 +54,40 @@ def _quantizable(refs: list[TensorRef]) -> bool:
     return all(len(r.shape) == 2 and quantizable(torch.empty(r.shape, device="meta")) for r in refs)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@contextmanager
+def transients_returned() -> Iterator[None]:
+    """While loading, allocations of 256 KiB and more are mapped and unmapped one by one, so each slice read and
+    repacked goes back to the OS when dropped instead of staying in the heap beside the weights (glibc raises its
+    threshold to 32 MiB as big blocks are freed, and then keeps them: ~100 MiB more peak RSS on a 7B). After the
+    load the threshold is 32 MiB again (the dynamic one's ceiling), so steps allocate as before. No-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
+    except (OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+def _quantized(checkpoint: Checkpoint, refs: list[TensorRef], fmt: str) -> QuantizedWeight:
+    """One matrix in format `fmt`; a fused one (q/k/v, gate/up) filled part by part into its final buffer, so the
+    parts never coexist with their concatenation."""
+    if len(refs) == 1:
+        return checkpoint.quantized(refs[0], fmt)
+    out = allocate(sum(r.shape[0] for r in refs), refs[0].shape[1], fmt)
+    first = 0
+    for ref in refs:
+        out.assign_panels(first, checkpoint.quantized(ref, fmt))
+        first += ref.shape[0] // PANEL
+    return out
+
+
 def _set(model: CausalLM, name: str, value) -> None:
     """Install a loaded value: a float tensor into its Parameter, a QuantLinear in place of the Parameter."""
     owner_name, _, attr = name.rpartition(".")
@@ -60,6 +97,21 @@ def _set(model: CausalLM, name: str, value) -> None:
         return
     delattr(owner, attr)  # a Parameter: drop it before setting a plain attribute of the same name
     setattr(owner, attr, value)
+
+
+def _load_tensor(model: CausalLM, checkpoint: Checkpoint, target: str, refs: list[TensorRef], fmt: str | None,
+                 dtype: torch.dtype, device: str) -> str:  # fmt: skip
+    """Read one parameter in the form the plan wants and install it; returns what it became for the label
+    ("q4k", "float" for a planned matrix the kernels cannot take, "" for a plain float tensor)."""
+    if fmt and _quantizable(refs):
+        _set(model, target, QuantLinear(_quantized(checkpoint, refs, fmt)))
+        return fmt
+    parts = [checkpoint.float(r) for r in refs]
+    t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if target.rsplit(".", 1)[-1] in NORMS and model.args.norm_offset:
+        t = t.float() + model.args.norm_offset
+    _set(model, target, t.to(device=device, dtype=dtype).contiguous())
+    return "float" if fmt else ""
 
 
 def load_model(
@@ -82,23 +134,11 @@ def load_model(
     if missing:
         raise ValueError(f"checkpoint in {path} is missing tensors for: {', '.join(missing[:8])}")
     counts: Counter[str] = Counter()
-    for target, refs in groups.items():
-        if target not in expected:
-            continue
-        fmt = plan.get(target)
-        if fmt and _quantizable(refs):
-            q = concat([checkpoint.quantized(r, fmt) for r in refs])
-            _set(model, target, QuantLinear(q))
-            counts[fmt] += 1
-            continue
-        parts = [checkpoint.float(r) for r in refs]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if target.rsplit(".", 1)[-1] in NORMS and args.norm_offset:
-            t = t.float() + args.norm_offset
-        _set(model, target, t.to(device=device, dtype=dtype).contiguous())
-        del t, parts
-        if fmt:
-            counts["float"] += 1
+    with transients_returned():
+        for target, refs in groups.items():
+            if target in expected:
+                counts[_load_tensor(model, checkpoint, target, refs, plan.get(target), dtype, device)] += 1
+    counts.pop("", None)
     if tied:
         _set(model, "lm_head", model.embed if isinstance(model.embed, QuantLinear) else model.embed.data)
     for layer in model.layers:  # a quantized qkv carries its bias (the kernel adds it)

@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from turbofan import kernels
-from turbofan.kernels.quant import BITS, BLOCK, QuantizedWeight, dequantize, dequantize_rows, quantizable, quantize
+from turbofan.kernels.quant import (
+    BITS,
+    BLOCK,
+    QuantizedWeight,
+    dequantize,
+    dequantize_rows,
+    quantizable,
+    quantize,
+)
 from turbofan.model.layers import CausalLM
 
 if TYPE_CHECKING:
