@@ -109,6 +109,10 @@ def test_models_load_on_demand_and_list(budget_server):
     loaded = ps(srv)
     assert set(loaded) == {A, B}  # the second loaded beside the first
     assert all(m["size"] > 0 and m["context_length"] == 512 for m in loaded.values())
+    for m in loaded.values():  # what `size` is made of: weights by format, KV cache, runtime
+        mem = m["memory"]
+        assert mem["kv_cache"] > 0 and mem["runtime"] >= 0 and sum(mem["weights"].values()) > 0
+        assert m["size"] == sum(mem["weights"].values()) + mem["kv_cache"] + mem["runtime"]
     assert loaded[A]["expires_at"].startswith("9999")  # the primary stays
     expires = loaded[B]["expires_at"]  # --keep-alive 5m after its last request
     assert expires[:4] != "9999"
