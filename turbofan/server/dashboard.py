@@ -36,6 +36,7 @@ class ResidentModel:
     max_model_len: int
     weights_bytes: int
     kv_cache_bytes: int
+    weights_by_format: dict[str, int] = field(default_factory=dict)  # {"q4k": ..., "q6k": ..., "float32": ...}
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class DashboardSampler:
                 name=self.ctx.model_name, architecture=info.architecture, quantization=info.quantization,
                 dtype=info.dtype, device=info.device, max_model_len=info.max_model_len,
                 weights_bytes=info.weights_bytes, kv_cache_bytes=info.kv_cache_bytes,
+                weights_by_format=dict(info.weights_by_format),
             )
         ]  # fmt: skip
 

@@ -79,6 +79,14 @@
     return el("td", {}, String(text));
   }
 
+  // "1.16 GB (q4k 756 MB, q6k 350 MB, q8 52 MB)": what the weights are made of, by format
+  function weightsText(m) {
+    const parts = Object.entries(m.weights_by_format || {})
+      .filter(([, n]) => n >= 1 << 20)
+      .map(([f, n]) => `${f} ${bytes(n)}`);
+    return parts.length ? `${bytes(m.weights_bytes)} (${parts.join(", ")})` : bytes(m.weights_bytes);
+  }
+
   function showTables(s) {
     document.querySelector("#models tbody").replaceChildren(
       ...s.resident_models.map((m) =>
@@ -91,7 +99,7 @@
           cell(m.dtype),
           cell(m.device),
           cell(m.max_model_len),
-          cell(bytes(m.weights_bytes)),
+          cell(weightsText(m)),
           cell(bytes(m.kv_cache_bytes)),
         ),
       ),
