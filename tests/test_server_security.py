@@ -46,12 +46,13 @@ def local(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
-    """Bound to every interface with an API key (so the Host check is off), trusting request chat templates."""
+    """A shared server: bound to every interface with an API key (so the Host check is off), trusting request chat
+    templates, pulls over HTTP turned off."""
     root = tmp_path_factory.mktemp("security-keyed")
     model, _ = chain_model_path(root)
     srv = launch(
         model, root / "keyed.log", "--host", "0.0.0.0", "--served-model-name", NAME, "--trust-request-chat-template",
-        "--stats-interval", "0", "--max-model-len", "256", key=KEY,
+        "--no-allow-http-pull", "--stats-interval", "0", "--max-model-len", "256", key=KEY, store=root / "models",
     )  # fmt: skip
     yield srv
     srv.stop()
@@ -205,7 +206,79 @@ def test_a_non_loopback_bind_with_a_key_skips_the_host_check(keyed):
     assert r.status_code == 401  # the key still holds
 
 
-# == 2. request templates ==========================================================================================
+# == 2. names, not paths ===========================================================================================
+def absent_answers(srv, name: str) -> dict[str, httpx.Response]:
+    """What each model-naming route answers for `name` (none of them may find, load, pull or copy it)."""
+    from urllib.parse import quote
+
+    post = {
+        "chat": ("/v1/chat/completions", {"model": name, "messages": HI, "max_tokens": 2}),
+        "completions": ("/v1/completions", {"model": name, "prompt": "x", "max_tokens": 2}),
+        "embeddings": ("/v1/embeddings", {"model": name, "input": "x"}),
+        "generate": ("/api/generate", {"model": name, "prompt": "x", "stream": False}),
+        "ollama-chat": ("/api/chat", {"model": name, "messages": HI, "stream": False}),
+        "show": ("/api/show", {"model": name}),
+        "create": ("/api/create", {"model": "made:1", "from": name, "stream": False}),
+        "copy": ("/api/copy", {"source": name, "destination": "copied:1"}),
+        "embed": ("/api/embed", {"model": name, "input": "x"}),
+    }
+    answers = {route: srv.post(path, body) for route, (path, body) in post.items()}
+    answers["models"] = srv.get("/v1/models/" + quote(name, safe=""))
+    return answers
+
+
+def test_every_kind_of_absent_model_is_the_same_404_on_every_route(local, tmp_path):
+    """/etc, /etc/passwd, a missing path, a name in the working directory, a loadable model directory, a catalogue
+    name not pulled and an unknown name: each route answers all of them with one body (the name aside), Ollama's
+    "not found, try pulling it first" in the route's own format; nothing is loaded, pulled or copied."""
+    loose = tmp_path / "loose-model"  # a model directory the server could load, if it resolved paths
+    install_copy(tmp_path, chain_model_path(local.log_path.parent)[0], "loose")
+    os.rename(tmp_path / "loose", loose)
+    store = local.log_path.parent / "models"
+    before = sorted(p.name for p in store.iterdir())
+    absent = ["/etc", "/etc/passwd", "/no/such/dir", "turbofan", "tests/conftest.py", str(loose), "gemma3:270m",
+              "no-such-model:1b"]  # fmt: skip
+    bodies: dict[str, set[str]] = {}
+    for name in absent:
+        for route, r in absent_answers(local, name).items():
+            assert r.status_code == 404, (route, name, r.text)
+            bodies.setdefault(route, set()).add(r.text.replace(name, "NAME"))
+    for route, seen in bodies.items():
+        assert len(seen) == 1, (route, seen)
+        error = json.loads(seen.pop())["error"]
+        if isinstance(error, dict):  # OpenAI's shape
+            assert error == {"message": "model 'NAME' not found, try pulling it first", "type": "invalid_request_error",
+                             "param": "model", "code": "model_not_found"}, route  # fmt: skip
+        else:
+            assert error == "model 'NAME' not found, try pulling it first", route
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert [m["name"] for m in local.get("/api/ps").json()["models"]] == [NAME]
+
+
+def test_whether_a_path_exists_never_changes_the_answer(local, tmp_path):
+    """The same request, before and after a loadable model directory appears at the path it names: byte-identical
+    404s (no file-existence oracle), on chat, completions, GET /v1/models/{id}, /api/create and /api/copy."""
+    path = str(tmp_path / "appears-later")
+    routes = ("chat", "completions", "models", "create", "copy")
+    missing = {route: r.content for route, r in absent_answers(local, path).items() if route in routes}
+    install_copy(tmp_path, chain_model_path(local.log_path.parent)[0], "appears-later")
+    present = {route: r.content for route, r in absent_answers(local, path).items() if route in routes}
+    assert present == missing and b"not found, try pulling it first" in missing["chat"]
+    r = local.post("/api/create", {"model": "from-a-name:1", "from": "chain", "stream": False})
+    assert r.status_code == 200, r.text  # a name of the store still works
+
+
+def test_pulls_come_from_api_pull_alone_and_a_shared_server_turns_them_off(local, keyed):
+    r = local.post("/api/pull", {"model": "chain", "stream": False})
+    assert r.status_code == 200 and r.json()["status"] == "success"  # on by default
+    for body in ({"model": "chain", "stream": False}, {"model": "smollm2:135m"}):
+        r = keyed.post("/api/pull", body)
+        assert r.status_code == 403 and "--no-allow-http-pull" in r.json()["error"], r.text
+    r = keyed.post("/v1/chat/completions", {"model": "smollm2:135m", "messages": HI})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+# == 3. request templates ==========================================================================================
 def test_a_request_chat_template_is_refused_unless_the_server_trusts_it(local, keyed):
     own = "{{ messages[-1].content }}\n"  # harmless
     r = local.post("/v1/chat/completions", {"model": NAME, "messages": HI, "chat_template": own})
@@ -238,7 +311,7 @@ def test_an_amplifying_ollama_template_is_a_400_within_a_second_with_rss_flat(lo
     assert r.status_code == 200 and r.json()["response"] == CHAIN_TEXT
 
 
-# == 3. bounded lists and values ==================================================================================
+# == 4. bounded lists and values ==================================================================================
 def tool(i: int) -> dict:
     return {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object", "properties": {}}}}
 
@@ -324,7 +397,7 @@ def test_malformed_tool_calls_are_a_400_on_both_apis(local):
     assert r.status_code == 200, r.text
 
 
-# == 4. pages and error messages ===================================================================================
+# == 5. pages and error messages ===================================================================================
 def test_pages_send_a_csp_that_forbids_framing_and_nosniff(local):
     for path, accept in (("/", "text/html"), ("/dashboard", "text/html"), ("/ui/chat.js", "*/*")):
         r = httpx.get(local.url + path, headers={"Accept": accept})
@@ -346,7 +419,7 @@ def test_error_messages_never_carry_the_store_path_or_the_user_name(local):
     assert store not in r.text and getpass.getuser() not in r.text, r.text
 
 
-# == 5. deploy defaults ============================================================================================
+# == 6. deploy defaults ============================================================================================
 def test_a_keyless_non_loopback_bind_is_refused_and_the_log_says_why(tmp_path):
     model, _ = chain_model_path(tmp_path)
     port = free_port()

@@ -102,15 +102,11 @@ def _shorten(vectors: np.ndarray, dimensions: int | None, width: int) -> np.ndar
     return _normalize(vectors[:, :dimensions])
 
 
-async def _model(ctx: ServerContext, name: str | None, keep_alive: Any = None, ollama: bool = False):
+async def _model(ctx: ServerContext, name: str | None, keep_alive: Any = None):
+    """The embedding model's client; an absent one is the 404 every route gives (server/manager.py)."""
     if not name:
         raise bad_request("model is required", "model")
-    try:
-        return await ctx.require_model(name, keep_alive, need="embedding")
-    except APIError as exc:
-        if ollama and exc.status == 404:
-            raise APIError(404, f'model "{name}" not found, try pulling it first') from None
-        raise
+    return await ctx.require_model(name, keep_alive, need="embedding")
 
 
 @router.post("/v1/embeddings")
@@ -153,7 +149,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
 async def ollama_embed(body: OllamaEmbedRequest, request: Request) -> dict:
     started = time.time()
     ctx = ctx_of(request)
-    client = await _model(ctx, body.model, body.keep_alive, ollama=True)
+    client = await _model(ctx, body.model, body.keep_alive)
     loaded = time.time()
     texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
     batch = _tokenize(client, texts, body.truncate) if texts else []
@@ -173,7 +169,7 @@ async def ollama_embed(body: OllamaEmbedRequest, request: Request) -> dict:
 async def ollama_embeddings(body: OllamaEmbeddingsRequest, request: Request) -> dict:
     """The legacy route: one prompt, one vector, as the model computes it; an empty prompt only loads."""
     ctx = ctx_of(request)
-    client = await _model(ctx, body.model, body.keep_alive, ollama=True)
+    client = await _model(ctx, body.model, body.keep_alive)
     if not body.prompt:
         return {"embedding": []}
     vectors = await _embed(request, client, _tokenize(client, [body.prompt], True))
