@@ -2,13 +2,16 @@
 
 - a forward pass whose input holds token id FAULT_TOKEN raises (a request-level failure the engine survives);
 - a step that updates a request with seed INVARIANT_SEED breaks the scheduler's bookkeeping (the engine dies and
-  the process must exit non-zero).
+  the process must exit non-zero);
+- an embedding model's forward over token FAULT_TOKEN raises MemoryError (an allocation that failed for one
+  request: the embedding engine must serve on).
 """
 
 from __future__ import annotations
 
 import sys
 
+from turbofan.engine.embedding import EmbeddingEngine
 from turbofan.engine.scheduler import Scheduler
 from turbofan.model.runner import ModelRunner
 
@@ -17,6 +20,7 @@ INVARIANT_SEED = 666
 
 _execute = ModelRunner.execute
 _update = Scheduler.update_from_output
+_encode = EmbeddingEngine.encode
 
 
 def execute(self, batch):
@@ -31,7 +35,14 @@ def update_from_output(self, out, tokens):
     return _update(self, out, tokens)
 
 
+def encode(self, rows):
+    if any(FAULT_TOKEN in row for row in rows):
+        raise MemoryError("planted allocation failure")
+    return _encode(self, rows)
+
+
 ModelRunner.execute = execute
+EmbeddingEngine.encode = encode
 Scheduler.update_from_output = update_from_output
 
 if __name__ == "__main__":

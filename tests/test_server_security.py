@@ -6,6 +6,7 @@ the default bind address (raw sockets where the wire itself is the point).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -397,7 +398,139 @@ def test_malformed_tool_calls_are_a_400_on_both_apis(local):
     assert r.status_code == 200, r.text
 
 
-# == 5. pages and error messages ===================================================================================
+# == 5. embeddings ===================================================================================================
+CAP_ROWS = [[5 + i % 50] * 256 for i in range(256)]  # 65,536 tokens: exactly the cap (the context is 256)
+
+
+def test_embedding_tokens_are_capped_before_the_engine_sees_them(local):
+    r = local.post("/v1/embeddings", {"model": NAME, "input": [*CAP_ROWS, [5]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+    assert "65536 tokens" in r.json()["error"]["message"]
+    text = "the quick brown fox jumps over the lazy dog " * 15
+    n = len(local.post("/tokenize", {"model": NAME, "prompt": text, "add_special_tokens": False}).json()["tokens"])
+    texts = [text] * (65536 // n + 1)  # fewer than 2,048 inputs, more than 65,536 tokens once tokenized
+    assert len(texts) <= 2048 and n <= 256
+    t0 = time.time()
+    r = local.post("/api/embed", {"model": NAME, "input": texts})
+    assert r.status_code == 400 and "65536 tokens" in r.json()["error"], r.text[:300]
+    r = local.post("/v1/embeddings", {"model": NAME, "input": texts})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert time.time() - t0 < 10
+    r = local.post("/v1/embeddings", {"model": NAME, "input": CAP_ROWS[:4]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 4
+
+
+def test_an_embedding_job_runs_in_slices_while_a_stream_keeps_flowing(tmp_path):
+    """A request at the token cap is embedded one forward at a time between generation steps: a concurrent stream
+    keeps receiving tokens while it runs (unsliced, it waits for the whole job). Measured at the EngineClient the
+    server uses (AsyncEngine): over HTTP this 1,500 tokens/s model's SSE events are merged, so their gaps do not
+    show the engine's."""
+    import asyncio
+
+    from turbofan.assembly import build_engine
+    from turbofan.config import EngineConfig
+    from turbofan.engine import SamplingParams
+    from turbofan.engine.async_engine import AsyncEngine
+
+    model, _ = chain_model_path(tmp_path)
+
+    async def run() -> tuple[int, float, float]:
+        engine = AsyncEngine(loader=lambda: build_engine(EngineConfig(model=str(model), max_model_len=256)))
+        await engine.start()
+        arrivals: list[float] = []
+
+        async def consume() -> None:
+            params = SamplingParams(max_tokens=240, ignore_eos=True, temperature=0)
+            async for _ in engine.generate([5, 6], params, "stream"):
+                arrivals.append(time.perf_counter())
+
+        task = asyncio.create_task(consume())
+        while not arrivals:
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
+        vectors = await engine.embed(CAP_ROWS)
+        t1 = time.perf_counter()
+        await task
+        await engine.stop()
+        assert vectors.shape[0] == 256
+        during = [t for t in arrivals if t0 < t <= t1]
+        points = [t0, *during, min(t1, arrivals[-1])]
+        return len(during), max(b - a for a, b in zip(points, points[1:])), t1 - t0
+
+    count, longest, seconds = asyncio.run(run())
+    assert count >= 10 and longest < 0.25 * seconds, (count, longest, seconds)
+
+
+def test_a_client_that_leaves_stops_its_remaining_embedding_slices(local):
+    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1:{local.port}\r\nContent-Type: application/json\r\n")
+    payload = json.dumps({"model": NAME, "input": CAP_ROWS}).encode()
+    with socket.create_connection(("127.0.0.1", local.port)) as sock:
+        sock.sendall(head.encode() + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        time.sleep(0.3)  # the job has started
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        left = [r for r in local.logs() if r.get("msg") == "embedding request abandoned by its client"]
+        if left:
+            break
+        time.sleep(0.1)
+    assert left and left[-1]["rows_done"] < left[-1]["rows"] == 256, left
+    r = local.post("/v1/embeddings", {"model": NAME, "input": CAP_ROWS[:2]})
+    assert r.status_code == 200  # the engine serves on
+
+
+def test_float_answers_are_the_same_float32_values_as_base64(local):
+    import base64
+
+    import numpy as np
+
+    rows = CAP_ROWS[:3] + [[7, 8, 9]]
+    floats = local.post("/v1/embeddings", {"model": NAME, "input": rows}).json()
+    packed = local.post("/v1/embeddings", {"model": NAME, "input": rows, "encoding_format": "base64"}).json()
+    for f, b in zip(floats["data"], packed["data"]):
+        exact = np.frombuffer(base64.b64decode(b["embedding"]), "<f4")
+        assert np.array_equal(np.asarray(f["embedding"], np.float32), exact)
+    assert floats["usage"] == {"prompt_tokens": 3 * 256 + 3, "total_tokens": 3 * 256 + 3}
+    ollama = local.post("/api/embed", {"model": NAME, "input": ["hi", "there"]}).json()
+    assert [round(float(np.linalg.norm(v)), 5) for v in ollama["embeddings"]] == [1.0, 1.0]
+    assert ollama["model"] == NAME and ollama["prompt_eval_count"] > 0
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    """tests/faulty_server.py (faults planted by token id and seed) serving the chain model, with all-minilm in
+    its store when the model store has it (linked, read only)."""
+    from turbofan.store import ModelStore
+
+    root = tmp_path_factory.mktemp("faulty")
+    model, _ = chain_model_path(root)
+    store = root / "models"
+    store.mkdir()
+    with contextlib.suppress(Exception):  # not pulled: the BERT test skips
+        minilm = ModelStore(os.environ.get("TURBOFAN_MODELS")).resolve("all-minilm", pull_missing=False).path
+        (store / minilm.name).symlink_to(minilm)
+    srv = launch(model, root / "faulty.log", "--served-model-name", NAME, "--stats-interval", "0",
+                 store=store, module="tests.faulty_server")  # fmt: skip
+    srv.has_minilm = any(store.iterdir())
+    yield srv
+    srv.stop()
+
+
+def test_a_failing_embedding_forward_fails_its_request_and_the_bert_engine_serves_on(faulty):
+    """An embedding forward over token 77 raises MemoryError (as an allocation that failed would): that request is
+    a 500 request_failed, and the next one is served (the engine is not marked dead)."""
+    if not faulty.has_minilm:
+        pytest.skip("all-minilm is not in the model store; run `turbofan pull all-minilm`")
+    ok = {"model": "all-minilm", "input": ["still serving", "and again"]}
+    assert faulty.post("/v1/embeddings", ok).status_code == 200
+    r = faulty.post("/v1/embeddings", {"model": "all-minilm", "input": [[101, 77, 102]]})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "request_failed", r.text
+    assert "Traceback" not in r.text
+    assert faulty.post("/v1/embeddings", ok).status_code == 200
+    r = faulty.post("/api/embed", {"model": "all-minilm", "input": "hi"})
+    assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 384
+
+
+# == 6. pages and error messages ===================================================================================
 def test_pages_send_a_csp_that_forbids_framing_and_nosniff(local):
     for path, accept in (("/", "text/html"), ("/dashboard", "text/html"), ("/ui/chat.js", "*/*")):
         r = httpx.get(local.url + path, headers={"Accept": accept})
@@ -419,7 +552,7 @@ def test_error_messages_never_carry_the_store_path_or_the_user_name(local):
     assert store not in r.text and getpass.getuser() not in r.text, r.text
 
 
-# == 6. deploy defaults ============================================================================================
+# == 7. deploy defaults ============================================================================================
 def test_a_keyless_non_loopback_bind_is_refused_and_the_log_says_why(tmp_path):
     model, _ = chain_model_path(tmp_path)
     port = free_port()
