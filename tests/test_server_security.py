@@ -530,7 +530,33 @@ def test_a_failing_embedding_forward_fails_its_request_and_the_bert_engine_serve
     assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 384
 
 
-# == 6. pages and error messages ===================================================================================
+# == 6. per-request isolation in the step ==========================================================================
+def test_a_request_whose_stop_scan_fails_ends_alone_and_the_step_goes_on(faulty):
+    """tests/faulty_server.py: the stop scan of a request with seed 777 raises after the forward. That request
+    ends with a 500 request_failed (both APIs); a stream in the same steps receives every token, the engine
+    stays up."""
+    body = {"model": NAME, "prompt": "x", "max_tokens": 120, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    events = []
+    with httpx.stream("POST", faulty.url + "/v1/completions", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        events.append(next(line for line in lines if line.startswith("data: {")))  # generating now
+        r = faulty.post("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 8, "seed": 777})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "request_failed", r.text
+        assert "planted stop-scan failure" in r.json()["error"]["message"] and "Traceback" not in r.text
+        r = faulty.post("/api/generate", {"model": NAME, "prompt": "x", "stream": False, "options": {"seed": 777}})
+        assert r.status_code == 500 and isinstance(r.json()["error"], str), r.text
+        events += [line for line in lines if line.startswith("data: {")]
+    chunks = [json.loads(e[6:]) for e in events]
+    assert not [c for c in chunks if "error" in c]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+    assert finishes[-1] == "length" and chunks[-1]["usage"]["completion_tokens"] == 120, chunks[-2:]
+    assert faulty.get("/health").status_code == 200
+    r = faulty.post("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 4, "seed": 1})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+# == 7. pages and error messages ===================================================================================
 def test_pages_send_a_csp_that_forbids_framing_and_nosniff(local):
     for path, accept in (("/", "text/html"), ("/dashboard", "text/html"), ("/ui/chat.js", "*/*")):
         r = httpx.get(local.url + path, headers={"Accept": accept})
@@ -552,7 +578,7 @@ def test_error_messages_never_carry_the_store_path_or_the_user_name(local):
     assert store not in r.text and getpass.getuser() not in r.text, r.text
 
 
-# == 7. deploy defaults ============================================================================================
+# == 8. deploy defaults ============================================================================================
 def test_a_keyless_non_loopback_bind_is_refused_and_the_log_says_why(tmp_path):
     model, _ = chain_model_path(tmp_path)
     port = free_port()

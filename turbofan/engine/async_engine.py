@@ -303,7 +303,7 @@ class AsyncEngine(EngineClient):
         try:
             deltas = self.engine.step()
         except RequestFailedError as exc:  # those requests are aborted already; the loop goes on
-            self._deliver([(rid, exc) for rid in exc.request_ids])
+            self._deliver([(rid, exc) for rid in exc.request_ids] + [(d.request_id, d) for d in exc.deltas])
             return
         if deltas:
             self._deliver([(d.request_id, d) for d in deltas])
