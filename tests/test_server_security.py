@@ -6,6 +6,7 @@ the default bind address (raw sockets where the wire itself is the point).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -46,12 +47,13 @@ def local(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
-    """Bound to every interface with an API key (so the Host check is off), trusting request chat templates."""
+    """A shared server: bound to every interface with an API key (so the Host check is off), trusting request chat
+    templates, pulls over HTTP turned off."""
     root = tmp_path_factory.mktemp("security-keyed")
     model, _ = chain_model_path(root)
     srv = launch(
         model, root / "keyed.log", "--host", "0.0.0.0", "--served-model-name", NAME, "--trust-request-chat-template",
-        "--stats-interval", "0", "--max-model-len", "256", key=KEY,
+        "--no-allow-http-pull", "--stats-interval", "0", "--max-model-len", "256", key=KEY, store=root / "models",
     )  # fmt: skip
     yield srv
     srv.stop()
@@ -205,7 +207,79 @@ def test_a_non_loopback_bind_with_a_key_skips_the_host_check(keyed):
     assert r.status_code == 401  # the key still holds
 
 
-# == 2. request templates ==========================================================================================
+# == 2. names, not paths ===========================================================================================
+def absent_answers(srv, name: str) -> dict[str, httpx.Response]:
+    """What each model-naming route answers for `name` (none of them may find, load, pull or copy it)."""
+    from urllib.parse import quote
+
+    post = {
+        "chat": ("/v1/chat/completions", {"model": name, "messages": HI, "max_tokens": 2}),
+        "completions": ("/v1/completions", {"model": name, "prompt": "x", "max_tokens": 2}),
+        "embeddings": ("/v1/embeddings", {"model": name, "input": "x"}),
+        "generate": ("/api/generate", {"model": name, "prompt": "x", "stream": False}),
+        "ollama-chat": ("/api/chat", {"model": name, "messages": HI, "stream": False}),
+        "show": ("/api/show", {"model": name}),
+        "create": ("/api/create", {"model": "made:1", "from": name, "stream": False}),
+        "copy": ("/api/copy", {"source": name, "destination": "copied:1"}),
+        "embed": ("/api/embed", {"model": name, "input": "x"}),
+    }
+    answers = {route: srv.post(path, body) for route, (path, body) in post.items()}
+    answers["models"] = srv.get("/v1/models/" + quote(name, safe=""))
+    return answers
+
+
+def test_every_kind_of_absent_model_is_the_same_404_on_every_route(local, tmp_path):
+    """/etc, /etc/passwd, a missing path, a name in the working directory, a loadable model directory, a catalogue
+    name not pulled and an unknown name: each route answers all of them with one body (the name aside), Ollama's
+    "not found, try pulling it first" in the route's own format; nothing is loaded, pulled or copied."""
+    loose = tmp_path / "loose-model"  # a model directory the server could load, if it resolved paths
+    install_copy(tmp_path, chain_model_path(local.log_path.parent)[0], "loose")
+    os.rename(tmp_path / "loose", loose)
+    store = local.log_path.parent / "models"
+    before = sorted(p.name for p in store.iterdir())
+    absent = ["/etc", "/etc/passwd", "/no/such/dir", "turbofan", "tests/conftest.py", str(loose), "gemma3:270m",
+              "no-such-model:1b"]  # fmt: skip
+    bodies: dict[str, set[str]] = {}
+    for name in absent:
+        for route, r in absent_answers(local, name).items():
+            assert r.status_code == 404, (route, name, r.text)
+            bodies.setdefault(route, set()).add(r.text.replace(name, "NAME"))
+    for route, seen in bodies.items():
+        assert len(seen) == 1, (route, seen)
+        error = json.loads(seen.pop())["error"]
+        if isinstance(error, dict):  # OpenAI's shape
+            assert error == {"message": "model 'NAME' not found, try pulling it first", "type": "invalid_request_error",
+                             "param": "model", "code": "model_not_found"}, route  # fmt: skip
+        else:
+            assert error == "model 'NAME' not found, try pulling it first", route
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert [m["name"] for m in local.get("/api/ps").json()["models"]] == [NAME]
+
+
+def test_whether_a_path_exists_never_changes_the_answer(local, tmp_path):
+    """The same request, before and after a loadable model directory appears at the path it names: byte-identical
+    404s (no file-existence oracle), on chat, completions, GET /v1/models/{id}, /api/create and /api/copy."""
+    path = str(tmp_path / "appears-later")
+    routes = ("chat", "completions", "models", "create", "copy")
+    missing = {route: r.content for route, r in absent_answers(local, path).items() if route in routes}
+    install_copy(tmp_path, chain_model_path(local.log_path.parent)[0], "appears-later")
+    present = {route: r.content for route, r in absent_answers(local, path).items() if route in routes}
+    assert present == missing and b"not found, try pulling it first" in missing["chat"]
+    r = local.post("/api/create", {"model": "from-a-name:1", "from": "chain", "stream": False})
+    assert r.status_code == 200, r.text  # a name of the store still works
+
+
+def test_pulls_come_from_api_pull_alone_and_a_shared_server_turns_them_off(local, keyed):
+    r = local.post("/api/pull", {"model": "chain", "stream": False})
+    assert r.status_code == 200 and r.json()["status"] == "success"  # on by default
+    for body in ({"model": "chain", "stream": False}, {"model": "smollm2:135m"}):
+        r = keyed.post("/api/pull", body)
+        assert r.status_code == 403 and "--no-allow-http-pull" in r.json()["error"], r.text
+    r = keyed.post("/v1/chat/completions", {"model": "smollm2:135m", "messages": HI})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+# == 3. request templates ==========================================================================================
 def test_a_request_chat_template_is_refused_unless_the_server_trusts_it(local, keyed):
     own = "{{ messages[-1].content }}\n"  # harmless
     r = local.post("/v1/chat/completions", {"model": NAME, "messages": HI, "chat_template": own})
@@ -238,7 +312,7 @@ def test_an_amplifying_ollama_template_is_a_400_within_a_second_with_rss_flat(lo
     assert r.status_code == 200 and r.json()["response"] == CHAIN_TEXT
 
 
-# == 3. bounded lists and values ==================================================================================
+# == 4. bounded lists and values ==================================================================================
 def tool(i: int) -> dict:
     return {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object", "properties": {}}}}
 
@@ -324,7 +398,165 @@ def test_malformed_tool_calls_are_a_400_on_both_apis(local):
     assert r.status_code == 200, r.text
 
 
-# == 4. pages and error messages ===================================================================================
+# == 5. embeddings ===================================================================================================
+CAP_ROWS = [[5 + i % 50] * 256 for i in range(256)]  # 65,536 tokens: exactly the cap (the context is 256)
+
+
+def test_embedding_tokens_are_capped_before_the_engine_sees_them(local):
+    r = local.post("/v1/embeddings", {"model": NAME, "input": [*CAP_ROWS, [5]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+    assert "65536 tokens" in r.json()["error"]["message"]
+    text = "the quick brown fox jumps over the lazy dog " * 15
+    n = len(local.post("/tokenize", {"model": NAME, "prompt": text, "add_special_tokens": False}).json()["tokens"])
+    texts = [text] * (65536 // n + 1)  # fewer than 2,048 inputs, more than 65,536 tokens once tokenized
+    assert len(texts) <= 2048 and n <= 256
+    t0 = time.time()
+    r = local.post("/api/embed", {"model": NAME, "input": texts})
+    assert r.status_code == 400 and "65536 tokens" in r.json()["error"], r.text[:300]
+    r = local.post("/v1/embeddings", {"model": NAME, "input": texts})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert time.time() - t0 < 10
+    r = local.post("/v1/embeddings", {"model": NAME, "input": CAP_ROWS[:4]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 4
+
+
+def test_an_embedding_job_runs_in_slices_while_a_stream_keeps_flowing(tmp_path):
+    """A request at the token cap is embedded one forward at a time between generation steps: a concurrent stream
+    keeps receiving tokens while it runs (unsliced, it waits for the whole job). Measured at the EngineClient the
+    server uses (AsyncEngine): over HTTP this 1,500 tokens/s model's SSE events are merged, so their gaps do not
+    show the engine's."""
+    import asyncio
+
+    from turbofan.assembly import build_engine
+    from turbofan.config import EngineConfig
+    from turbofan.engine import SamplingParams
+    from turbofan.engine.async_engine import AsyncEngine
+
+    model, _ = chain_model_path(tmp_path)
+
+    async def run() -> tuple[int, float, float]:
+        engine = AsyncEngine(loader=lambda: build_engine(EngineConfig(model=str(model), max_model_len=256)))
+        await engine.start()
+        arrivals: list[float] = []
+
+        async def consume() -> None:
+            params = SamplingParams(max_tokens=240, ignore_eos=True, temperature=0)
+            async for _ in engine.generate([5, 6], params, "stream"):
+                arrivals.append(time.perf_counter())
+
+        task = asyncio.create_task(consume())
+        while not arrivals:
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
+        vectors = await engine.embed(CAP_ROWS)
+        t1 = time.perf_counter()
+        await task
+        await engine.stop()
+        assert vectors.shape[0] == 256
+        during = [t for t in arrivals if t0 < t <= t1]
+        points = [t0, *during, min(t1, arrivals[-1])]
+        return len(during), max(b - a for a, b in zip(points, points[1:])), t1 - t0
+
+    count, longest, seconds = asyncio.run(run())
+    assert count >= 10 and longest < 0.25 * seconds, (count, longest, seconds)
+
+
+def test_a_client_that_leaves_stops_its_remaining_embedding_slices(local):
+    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1:{local.port}\r\nContent-Type: application/json\r\n")
+    payload = json.dumps({"model": NAME, "input": CAP_ROWS}).encode()
+    with socket.create_connection(("127.0.0.1", local.port)) as sock:
+        sock.sendall(head.encode() + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        time.sleep(0.3)  # the job has started
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        left = [r for r in local.logs() if r.get("msg") == "embedding request abandoned by its client"]
+        if left:
+            break
+        time.sleep(0.1)
+    assert left and left[-1]["rows_done"] < left[-1]["rows"] == 256, left
+    r = local.post("/v1/embeddings", {"model": NAME, "input": CAP_ROWS[:2]})
+    assert r.status_code == 200  # the engine serves on
+
+
+def test_float_answers_are_the_same_float32_values_as_base64(local):
+    import base64
+
+    import numpy as np
+
+    rows = CAP_ROWS[:3] + [[7, 8, 9]]
+    floats = local.post("/v1/embeddings", {"model": NAME, "input": rows}).json()
+    packed = local.post("/v1/embeddings", {"model": NAME, "input": rows, "encoding_format": "base64"}).json()
+    for f, b in zip(floats["data"], packed["data"]):
+        exact = np.frombuffer(base64.b64decode(b["embedding"]), "<f4")
+        assert np.array_equal(np.asarray(f["embedding"], np.float32), exact)
+    assert floats["usage"] == {"prompt_tokens": 3 * 256 + 3, "total_tokens": 3 * 256 + 3}
+    ollama = local.post("/api/embed", {"model": NAME, "input": ["hi", "there"]}).json()
+    assert [round(float(np.linalg.norm(v)), 5) for v in ollama["embeddings"]] == [1.0, 1.0]
+    assert ollama["model"] == NAME and ollama["prompt_eval_count"] > 0
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    """tests/faulty_server.py (faults planted by token id and seed) serving the chain model, with all-minilm in
+    its store when the model store has it (linked, read only)."""
+    from turbofan.store import ModelStore
+
+    root = tmp_path_factory.mktemp("faulty")
+    model, _ = chain_model_path(root)
+    store = root / "models"
+    store.mkdir()
+    with contextlib.suppress(Exception):  # not pulled: the BERT test skips
+        minilm = ModelStore(os.environ.get("TURBOFAN_MODELS")).resolve("all-minilm", pull_missing=False).path
+        (store / minilm.name).symlink_to(minilm)
+    srv = launch(model, root / "faulty.log", "--served-model-name", NAME, "--stats-interval", "0",
+                 store=store, module="tests.faulty_server")  # fmt: skip
+    srv.has_minilm = any(store.iterdir())
+    yield srv
+    srv.stop()
+
+
+def test_a_failing_embedding_forward_fails_its_request_and_the_bert_engine_serves_on(faulty):
+    """An embedding forward over token 77 raises MemoryError (as an allocation that failed would): that request is
+    a 500 request_failed, and the next one is served (the engine is not marked dead)."""
+    if not faulty.has_minilm:
+        pytest.skip("all-minilm is not in the model store; run `turbofan pull all-minilm`")
+    ok = {"model": "all-minilm", "input": ["still serving", "and again"]}
+    assert faulty.post("/v1/embeddings", ok).status_code == 200
+    r = faulty.post("/v1/embeddings", {"model": "all-minilm", "input": [[101, 77, 102]]})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "request_failed", r.text
+    assert "Traceback" not in r.text
+    assert faulty.post("/v1/embeddings", ok).status_code == 200
+    r = faulty.post("/api/embed", {"model": "all-minilm", "input": "hi"})
+    assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 384
+
+
+# == 6. per-request isolation in the step ==========================================================================
+def test_a_request_whose_stop_scan_fails_ends_alone_and_the_step_goes_on(faulty):
+    """tests/faulty_server.py: the stop scan of a request with seed 777 raises after the forward. That request
+    ends with a 500 request_failed (both APIs); a stream in the same steps receives every token, the engine
+    stays up."""
+    body = {"model": NAME, "prompt": "x", "max_tokens": 120, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    events = []
+    with httpx.stream("POST", faulty.url + "/v1/completions", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        events.append(next(line for line in lines if line.startswith("data: {")))  # generating now
+        r = faulty.post("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 8, "seed": 777})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "request_failed", r.text
+        assert "planted stop-scan failure" in r.json()["error"]["message"] and "Traceback" not in r.text
+        r = faulty.post("/api/generate", {"model": NAME, "prompt": "x", "stream": False, "options": {"seed": 777}})
+        assert r.status_code == 500 and isinstance(r.json()["error"], str), r.text
+        events += [line for line in lines if line.startswith("data: {")]
+    chunks = [json.loads(e[6:]) for e in events]
+    assert not [c for c in chunks if "error" in c]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+    assert finishes[-1] == "length" and chunks[-1]["usage"]["completion_tokens"] == 120, chunks[-2:]
+    assert faulty.get("/health").status_code == 200
+    r = faulty.post("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 4, "seed": 1})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+# == 7. pages and error messages ===================================================================================
 def test_pages_send_a_csp_that_forbids_framing_and_nosniff(local):
     for path, accept in (("/", "text/html"), ("/dashboard", "text/html"), ("/ui/chat.js", "*/*")):
         r = httpx.get(local.url + path, headers={"Accept": accept})
@@ -346,7 +578,7 @@ def test_error_messages_never_carry_the_store_path_or_the_user_name(local):
     assert store not in r.text and getpass.getuser() not in r.text, r.text
 
 
-# == 5. deploy defaults ============================================================================================
+# == 8. deploy defaults ============================================================================================
 def test_a_keyless_non_loopback_bind_is_refused_and_the_log_says_why(tmp_path):
     model, _ = chain_model_path(tmp_path)
     port = free_port()

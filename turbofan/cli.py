@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="render a request's own Jinja chat_template (off: such requests get 400; only for trusted clients)",
     )
+    s.add_argument(
+        "--allow-http-pull",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let clients pull models with POST /api/pull (default on; --no-allow-http-pull: a 403, for a server "
+        "others share: pull with `turbofan pull`); no other route ever pulls",
+    )
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
     s.add_argument("--log-level", default="info")
     s.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -333,6 +340,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         chat_template=config.chat_template,
         trust_request_chat_template=args.trust_request_chat_template,
+        allow_http_pull=args.allow_http_pull,
         stats_interval=args.stats_interval,
         models_dir=config.models_dir,
         tool_call_parser=args.tool_call_parser,

@@ -212,6 +212,7 @@ class AsyncEngine(EngineClient):
             self._wake.set()
             return await job.future
         finally:
+            job.cancelled = not job.future.done() or job.future.cancelled()  # the caller left: no more slices
             self._embeds_in_flight -= 1
 
     def beam_search(self, prompt: str | list[int], params: SamplingParams, request_id: str):
@@ -264,30 +265,45 @@ class AsyncEngine(EngineClient):
         self._deliver(errors)
 
     def _run_embeds(self) -> None:
-        """Advance the pending embedding jobs in order; one that waits for KV blocks holds back those after it."""
+        """One slice (one forward) of the first pending embedding job, so the generation step runs between slices
+        and a running stream waits for one forward, never a whole job. An unfinished job goes to the back (jobs
+        take turns); one that waits for KV blocks holds back those after it; one whose client left is dropped."""
         from turbofan.engine.hidden_states import HiddenStateEmbedder
 
         if self._embedder is None:
             self._embedder = HiddenStateEmbedder.for_engine(self.engine)
-        while self._embeds:
-            job = self._embeds[0]
-            try:
-                if not self._embedder.advance(job):
-                    if self.engine.has_unfinished_requests():
-                        return  # a step will free blocks
-                    raise RuntimeError("the KV cache has too few free blocks for this input")  # (validated)
-                outcome = (True, HiddenStateEmbedder.result(job))
-            except Exception as exc:  # this request fails; the engine serves on
-                log.exception("an embedding forward failed")
-                outcome = (False, exc)
-            self._embeds.popleft()
-            self._loop.call_soon_threadsafe(_settle_future, job.future, *outcome)
+        self._drop_abandoned_embeds()
+        if not self._embeds:
+            return
+        job = self._embeds[0]
+        before = job.done
+        try:
+            if not self._embedder.advance(job, max_forwards=1):
+                if job.done > before:
+                    self._embeds.rotate(-1)  # more slices, after the next step and the other jobs' turns
+                    return
+                if self.engine.has_unfinished_requests():
+                    return  # a step will free blocks
+                raise RuntimeError("the KV cache has too few free blocks for this input")  # (validated)
+            outcome = (True, HiddenStateEmbedder.result(job))
+        except Exception as exc:  # this request fails; the engine serves on
+            log.exception("an embedding forward failed")
+            outcome = (False, RequestFailedError([], exc))
+        self._embeds.popleft()
+        self._loop.call_soon_threadsafe(_settle_future, job.future, *outcome)
+
+    def _drop_abandoned_embeds(self) -> None:
+        """Forget the embedding jobs whose callers stopped waiting (a client that disconnected): their remaining
+        slices never run."""
+        for job in [j for j in self._embeds if j.cancelled]:
+            self._embeds.remove(job)
+            log.info("embedding request abandoned by its client", extra={"rows": len(job.rows), "rows_done": job.done})
 
     def _step(self) -> None:
         try:
             deltas = self.engine.step()
         except RequestFailedError as exc:  # those requests are aborted already; the loop goes on
-            self._deliver([(rid, exc) for rid in exc.request_ids])
+            self._deliver([(rid, exc) for rid in exc.request_ids] + [(d.request_id, d) for d in exc.deltas])
             return
         if deltas:
             self._deliver([(d.request_id, d) for d in deltas])

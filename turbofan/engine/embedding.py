@@ -1,9 +1,13 @@
 """EmbeddingEngine: the EngineClient of an embedding model — an encoder on its own thread, requests batched.
 
-Requests queue up while a batch runs; the thread then takes every pending text at once, sorts them by length
-(equal lengths side by side: attention's runs), packs as many per forward as fit a token budget (no padding: see
-model/architectures/bert.py) and hands each request its rows back on the event loop with one
-`call_soon_threadsafe`. Generation requests are refused: it has no LM head.
+Requests queue up while a forward runs; the thread works in *slices* of at most `batch_tokens` tokens (one
+forward; a longer text alone): the first pending job's next texts and, room left, the next jobs' (small concurrent
+requests share a forward), sorted by length (equal lengths side by side: attention's runs) and packed without
+padding (model/architectures/bert.py). An unfinished job then goes to the back, so a large job never holds back
+the others; a job whose caller left (a client that disconnected) is dropped with its remaining slices; a job is
+handed its rows back on the event loop with one `call_soon_threadsafe` once all are done. A failing forward ends
+the requests of that slice (RequestFailedError), never the engine: only a broken worker marks it dead.
+Generation requests are refused: it has no LM head.
 
 The thread ends once it has been idle for `linger` seconds, and the next request starts a new one. Every thread
 that runs torch ops keeps an OpenMP thread team; once a process has more OpenMP threads than CPUs, libgomp stops
@@ -20,6 +24,7 @@ least BF16_MIN_COSINE the float32 layers are kept.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -38,6 +43,7 @@ from turbofan.engine.async_engine import SWITCH_INTERVAL, EngineDeadError
 from turbofan.engine.client import EngineClient, ModelInfo
 from turbofan.engine.embed_inputs import check_rows, fit_rows
 from turbofan.engine.engine import EngineStats
+from turbofan.engine.errors import RequestFailedError
 
 log = logging.getLogger("turbofan.engine")
 BF16_MIN_COSINE = 0.9995  # served vectors must stay > 0.999 from sentence-transformers: half the distance
@@ -55,6 +61,17 @@ def native_bf16() -> bool:
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One embed() call on the worker thread: its rows, the caller's future, the vectors done so far."""
+
+    rows: list[list[int]]
+    future: asyncio.Future
+    out: torch.Tensor | None = None  # [len(rows), dimensions], made at the job's first slice
+    done: int = 0  # rows embedded
+    cancelled: bool = False  # set on the event loop when the caller stops waiting; read on the worker thread
 
 
 class EmbeddingEngine(EngineClient):
@@ -187,15 +204,18 @@ class EmbeddingEngine(EngineClient):
         if self._dead is not None:
             raise EngineDeadError(f"the embedding engine stopped after an error: {self._dead}")
         check_rows(batch, self.max_length, self.info.vocab_size, self.name)
-        future = self._loop.create_future()
+        if not batch:
+            return torch.empty(0, self.dimensions)
+        job = _Job(batch, self._loop.create_future())
         self._in_flight += 1
         try:
             with self._thread_lock:
-                self._queue.put((batch, future))
+                self._queue.put(job)
                 if self._thread is None:
                     self._start_worker()
-            return await future
+            return await job.future
         finally:
+            job.cancelled = job.future.cancelled() or not job.future.done()  # the caller left: no more slices
             self._in_flight -= 1
 
     async def generate(self, prompt, params, request_id):
@@ -227,43 +247,101 @@ class EmbeddingEngine(EngineClient):
                 self._settle(self._ready, error=exc)
                 return
             self._settle(self._ready)
+        active: collections.deque[_Job] = collections.deque()
+        stopping = [False]
+        try:
+            while self._take_jobs(active, stopping):
+                self._drop_abandoned(active)
+                if active:
+                    self._run_slice(active)
+        except BaseException as exc:  # noqa: BLE001 — a broken worker (not a request's error): every waiter learns why
+            log.exception("the embedding worker failed")
+            self._dead = exc
+            error = EngineDeadError(f"the embedding engine stopped after an error: {exc}")
+            with self._thread_lock:
+                self._thread = None
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        item = self._queue.get_nowait()
+                        if item is not None:
+                            active.append(item)
+            for job in active:
+                self._settle(job.future, error=error)
+
+    def _take_jobs(self, active: collections.deque, stopping: list[bool]) -> bool:
+        """Move queued jobs into `active`, waiting (up to `linger`) only while none is active. False: the worker
+        ends (idle for `linger`, or stopped and done)."""
+        block = not active and not stopping[0]
         while True:
             try:
-                pending = [self._queue.get(timeout=None if math.isinf(self.linger) else self.linger)]
+                timeout = None if math.isinf(self.linger) else self.linger
+                item = self._queue.get(timeout=timeout) if block else self._queue.get_nowait()
             except queue.Empty:
+                if not block:
+                    break
                 with self._thread_lock:  # idle: end, unless a job arrived just now
                     if self._queue.empty():
                         self._thread = None
-                        return
+                        return False
                 continue
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    pending.append(self._queue.get_nowait())
-            stop = None in pending
-            jobs = [p for p in pending if p is not None]
-            if jobs:
-                self._serve(jobs)
-            if stop:
-                with self._thread_lock:
-                    self._thread = None
-                return
+            block = False
+            if item is None:
+                stopping[0] = True
+            else:
+                active.append(item)
+        if stopping[0] and not active:
+            with self._thread_lock:
+                self._thread = None
+            return False
+        return True
 
-    def _serve(self, jobs: list) -> None:
-        rows = [row for batch, _ in jobs for row in batch]
+    @staticmethod
+    def _drop_abandoned(active: collections.deque) -> None:
+        """Forget the jobs whose callers stopped waiting: their remaining slices never run."""
+        for job in [j for j in active if j.cancelled]:
+            active.remove(job)
+            log.info("embedding request abandoned by its client", extra={"rows": len(job.rows), "rows_done": job.done})
+
+    def _slice(self, active: collections.deque) -> list[tuple[_Job, int, int]]:
+        """The next forward's rows as (job, start, stop) pieces: at most `batch_tokens` tokens (at least one row),
+        the first job's next rows, then the next jobs' while room is left."""
+        pieces, tokens = [], 0
+        for job in active:
+            start = stop = job.done
+            while stop < len(job.rows):
+                n = len(job.rows[stop])
+                if tokens and tokens + n > self.batch_tokens:
+                    break
+                tokens, stop = tokens + n, stop + 1
+            if stop > start:
+                pieces.append((job, start, stop))
+            if stop < len(job.rows):
+                break
+        return pieces
+
+    def _run_slice(self, active: collections.deque) -> None:
+        """Embed one slice; settle the jobs it finishes, and send the first job to the back if it is not. A failure
+        ends the jobs of this slice (RequestFailedError: a 500 for those requests) and the engine serves on."""
+        pieces = self._slice(active)
         try:
-            out = self.encode(rows)
-        except BaseException as exc:  # noqa: BLE001 — every waiter learns why, and the engine is marked dead
-            log.exception("embedding failed")
-            self._dead = exc
-            for _, future in jobs:
-                self._settle(
-                    future, error=EngineDeadError(f"the embedding engine stopped after an error: {exc}")
-                )
+            vectors = self.encode([row for job, a, b in pieces for row in job.rows[a:b]])
+        except Exception as exc:  # an allocation or a forward that failed for these inputs
+            log.exception("an embedding forward failed")
+            for job, _, _ in pieces:
+                active.remove(job)
+                self._settle(job.future, error=RequestFailedError([], exc))
             return
-        start = 0
-        for batch, future in jobs:
-            self._settle(future, out[start : start + len(batch)])
-            start += len(batch)
+        at = 0
+        for job, a, b in pieces:
+            if job.out is None:
+                job.out = torch.empty(len(job.rows), self.dimensions)
+            job.out[a:b] = vectors[at : at + b - a]
+            at, job.done = at + b - a, b
+            if job.done == len(job.rows):
+                active.remove(job)
+                self._settle(job.future, job.out)
+        if active and active[0] is pieces[0][0]:
+            active.rotate(-1)  # unfinished: the other jobs take the next slice first
 
     def batches(self, rows: list[list[int]]) -> list[list[int]]:
         """Row indices grouped for one forward each: sorted by length (equal lengths become one attention run),

@@ -171,8 +171,10 @@ class Engine:
     # -- the step -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         """One step. An error building, running or sampling the batch ends the requests it concerns (raised as
-        RequestFailedError once they are aborted) and leaves the engine serving the rest; an error in the
-        scheduler's bookkeeping is a broken invariant and propagates."""
+        RequestFailedError once they are aborted) and leaves the engine serving the rest; so does an error in one
+        request's own work after the forward (its stop scan, detokenization, grammar, logprobs: only that request
+        ends, and the RequestFailedError carries the others' deltas). An error in the scheduler's bookkeeping, or
+        any AssertionError, is a broken invariant and propagates."""
         spec = self.speculator
         if spec is not None:
             spec.propose(self.scheduler.running)
@@ -201,7 +203,22 @@ class Engine:
             if sched.drafts:
                 spec.verify(sched, sampled, self.blocks)
         self.scheduler.update_from_output(sched, sampled.tokens)
-        return self.output_processor.process(sched, sampled)
+        failed = dict(self.scheduler.failed)
+        deltas = self.output_processor.process(sched, sampled, failed)
+        if failed:
+            self._end_failed(failed, deltas)
+        return deltas
+
+    def _end_failed(self, failed: dict[str, Exception], deltas: list[RequestDelta]) -> None:
+        """End the requests whose own work failed after the forward (aborted: their KV blocks freed) and raise
+        RequestFailedError carrying the other requests' deltas, so the step's work for them is not lost."""
+        ids = list(failed)
+        first = failed[ids[0]]
+        log.error("%d request(s) failed in a step; the others go on: %s", len(ids), first,
+                  exc_info=(type(first), first, first.__traceback__))  # fmt: skip
+        for rid in ids:
+            self.abort_request(rid)
+        raise RequestFailedError(ids, first, deltas) from first
 
     # -- visibility ---------------------------------------------------------------------------------------------
     @property

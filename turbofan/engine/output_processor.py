@@ -9,6 +9,8 @@ was sent). Logprob dicts (with each candidate's text) are built here, for the ro
 
 from __future__ import annotations
 
+import contextlib
+
 from turbofan.engine.outputs import CompletionDelta, RequestDelta, RequestOutput
 from turbofan.engine.sampler import SamplerOutput, top_logprobs_dict
 from turbofan.engine.scheduler import SchedulerOutput
@@ -16,31 +18,61 @@ from turbofan.engine.sequence import Request, Sequence
 from turbofan.model.tokenizer import Tokenizer
 
 
+@contextlib.contextmanager
+def _isolated(request_id: str, failed: dict[str, Exception]):
+    """Record an error of one request's own output work in `failed` instead of raising it (an AssertionError, a
+    broken invariant, still propagates)."""
+    try:
+        yield
+    except AssertionError:
+        raise
+    except Exception as exc:
+        failed.setdefault(request_id, exc)
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer):
         self.decode_token = tokenizer.decode_token
 
-    def process(self, sched: SchedulerOutput, sampled: SamplerOutput) -> list[RequestDelta]:
+    def process(
+        self, sched: SchedulerOutput, sampled: SamplerOutput, failed: dict[str, Exception] | None = None
+    ) -> list[RequestDelta]:
+        """The step's delta of each request it touched. `failed` (request id -> error): requests that already
+        failed in this step, left out; a request whose own output work raises (its logprobs, its text) is added
+        to it and left out too, and the others still get their deltas."""
+        failed = {} if failed is None else failed
         decode = self.decode_token
         for spec, (chosen, ranks, ids, vals) in zip(sched.prompt_logprobs, sampled.prompt_logprobs):
             request = spec.seq.request
             targets = request.prompt_token_ids[spec.start + 1 : spec.start + 1 + spec.count]
-            request.prompt_logprobs += [
-                top_logprobs_dict(t, lp, r, i, v, decode) for t, lp, r, i, v in zip(targets, chosen, ranks, ids, vals)
-            ]
+            with _isolated(request.request_id, failed):
+                request.prompt_logprobs += [
+                    top_logprobs_dict(t, lp, r, i, v, decode) for t, lp, r, i, v in zip(targets, chosen, ranks, ids, vals)
+                ]
         for j, row in enumerate(sampled.logprob_rows):
             seq = sched.sample[row][0]
             if len(seq.logprobs) >= seq.num_output_tokens:  # dropped after a stop among several verified tokens
                 continue
-            token = sampled.tokens[row]
-            lp = sampled.logprobs[j]
-            seq.cumulative_logprob += lp
-            seq.logprobs.append(top_logprobs_dict(token, lp, sampled.ranks[j], sampled.top_ids[j],
-                                                  sampled.top_logprobs[j], decode))  # fmt: skip
+            with _isolated(seq.request.request_id, failed):
+                token = sampled.tokens[row]
+                lp = sampled.logprobs[j]
+                seq.cumulative_logprob += lp
+                seq.logprobs.append(top_logprobs_dict(token, lp, sampled.ranks[j], sampled.top_ids[j],
+                                                      sampled.top_logprobs[j], decode))  # fmt: skip
         touched: dict[str, list[Sequence]] = {}
         for seq, _ in [*sched.sample, *((s, None) for s in sched.truncated)]:
             touched.setdefault(seq.request.request_id, []).append(seq)
-        return [self._delta(seqs[0].request, seqs) for seqs in touched.values()]
+        deltas = []
+        for rid, seqs in touched.items():
+            if rid in failed:
+                continue
+            try:
+                deltas.append(self._delta(seqs[0].request, seqs))
+            except AssertionError:
+                raise
+            except Exception as exc:  # this request's text or logprobs: it ends, the others go on
+                failed[rid] = exc
+        return deltas
 
     def _delta(self, request: Request, seqs: list[Sequence]) -> RequestDelta:
         delta = RequestDelta(

@@ -70,6 +70,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids or ())
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
+        self.failed: dict[str, Exception] = {}  # the last update's requests whose own work raised (Engine.step ends them)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._finished: list[Sequence] = []
@@ -232,19 +233,23 @@ class Scheduler:
 
     # -- updating -----------------------------------------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, tokens: list[int]) -> list[Request]:
-        """Apply a step's sampled tokens (one per `out.sample` row); returns the requests that finished."""
+        """Apply a step's sampled tokens (one per `out.sample` row); returns the requests that finished.
+
+        A request whose own work raises (its stop scan, its detokenization, its grammar) is recorded in
+        `self.failed` and skipped, and the step goes on for the others: Engine.step then ends it with an error. The
+        bookkeeping around it (counts, KV blocks) is not guarded, nor is an AssertionError: those are the engine's
+        invariants, and a broken one propagates."""
         now = time.time()
+        self.failed = {}
         for seq, n in out.scheduled:
             seq.num_computed_tokens += n
             self.blocks.commit(seq)
-        detokenize = self.detokenizer.append
         finished: list[Request] = []
         for (seq, _), token in zip(out.sample, tokens):
             if seq.status is Status.FINISHED:  # a stop among several verified tokens: the rest are dropped
                 continue
             self.generation_tokens_total += 1
             request = seq.request
-            params = request.params
             metrics = request.metrics
             seq.token_ids.append(token)
             if seq.seq_id in out.drafts:
@@ -252,25 +257,40 @@ class Scheduler:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.last_token_time = now
-            stop = detokenize(seq, token)
-            num_out = seq.num_tokens - request.num_prompt_tokens
-            enough = num_out >= params.min_tokens
-            complete = seq.constraint is not None and seq.constraint.accept(token)  # the grammar allows no more
-            if stop is not None:
-                seq.finish_reason, seq.stop_reason = "stop", stop
-            elif enough and not params.ignore_eos and token in self.eos_token_ids:
-                seq.finish_reason = "stop"
-            elif enough and token in params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-            elif complete:
-                seq.finish_reason = "stop"
-            elif num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish_reason = "length"
+            if request.request_id in self.failed:  # a sibling (n > 1) failed already: the request ends
+                continue
+            try:
+                self._check_finish(seq, token)
+            except AssertionError:
+                raise
+            except Exception as exc:  # this request's own work: it ends, the others go on
+                self.failed[request.request_id] = exc
+                continue
             if seq.finish_reason is not None:
                 self.finish(seq)
                 if self._end_request(request, now):
                     finished.append(request)
         return finished
+
+    def _check_finish(self, seq: Sequence, token: int) -> None:
+        """Detokenize the new token, scan for stop strings, advance the grammar; set why the sequence ends, if
+        it does."""
+        request = seq.request
+        params = request.params
+        stop = self.detokenizer.append(seq, token)
+        num_out = seq.num_tokens - request.num_prompt_tokens
+        enough = num_out >= params.min_tokens
+        complete = seq.constraint is not None and seq.constraint.accept(token)  # the grammar allows no more
+        if stop is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop
+        elif enough and not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif enough and token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif complete:
+            seq.finish_reason = "stop"
+        elif num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
 
     def _end_request(self, request: Request, now: float) -> bool:
         """Forget a request whose sequences have all finished; True if it just ended."""

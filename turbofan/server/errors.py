@@ -43,13 +43,17 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        verbatim: bool = False,
     ):
+        """`verbatim`: the message only repeats the client's own words, so it is sent unredacted (redacting it
+        would tell the client which of its words are the server's private paths)."""
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.headers = headers
+        self.verbatim = verbatim
 
 
 # (absolute path, what an error message says instead), longest first so a store inside the home directory wins.
@@ -76,14 +80,23 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
+def model_not_found(name: str) -> APIError:
+    """Ollama's answer for a model this server does not have, the same for every kind of absent (an unknown
+    name, a name not pulled yet, a path that exists, one that does not): nothing in it depends on the disk."""
+    return APIError(404, f"model '{name}' not found, try pulling it first", param="model", code="model_not_found",
+                    verbatim=True)  # fmt: skip
+
+
 def is_ollama_path(path: str) -> bool:
     return path == "/api" or path.startswith("/api/")
 
 
-def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+def openai_error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None, verbatim: bool = False
+) -> dict:
     return {
         "error": {
-            "message": redact(message),
+            "message": message if verbatim else redact(message),
             "type": _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
             "param": param,
             "code": code if code is not None else str(status),
@@ -91,10 +104,12 @@ def openai_error_body(status: int, message: str, param: str | None = None, code:
     }
 
 
-def error_body(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    path: str, status: int, message: str, param: str | None = None, code: str | None = None, verbatim: bool = False
+) -> dict:
     if is_ollama_path(path):
-        return {"error": redact(message)}
-    return openai_error_body(status, message, param, code)
+        return {"error": message if verbatim else redact(message)}
+    return openai_error_body(status, message, param, code, verbatim)
 
 
 def error_response(
@@ -104,8 +119,10 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    verbatim: bool = False,
 ) -> JSONResponse:
-    return JSONResponse(error_body(request.url.path, status, message, param, code), status, headers=headers)
+    body = error_body(request.url.path, status, message, param, code, verbatim)
+    return JSONResponse(body, status, headers=headers)
 
 
 def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -127,7 +144,7 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(request, exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return error_response(request, exc.status, exc.message, exc.param, exc.code, exc.headers, exc.verbatim)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

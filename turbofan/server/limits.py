@@ -18,6 +18,7 @@ MAX_STOP_BYTES = 1024  # per stop string, UTF-8
 MAX_STOP_TOKEN_IDS = 64
 MAX_PROMPTS = 2048  # a completions request's prompt list
 MAX_EMBEDDING_INPUTS = 2048
+MAX_EMBEDDING_TOKENS = 65536  # per request, all inputs together, as embedded (after truncation)
 MAX_TOOLS = 128
 MAX_TOOL_CALLS = 128  # per message
 MAX_KEEP_ALIVE_SECONDS = 10 * 365.25 * 86400  # ten years, either sign
@@ -81,10 +82,28 @@ def check_prompt_count(prompt: Any) -> Any:
 
 
 def check_embedding_inputs(inputs: Any) -> Any:
-    """At most MAX_EMBEDDING_INPUTS inputs; a flat token list is one input."""
-    if isinstance(inputs, list) and inputs and not all(isinstance(x, int) for x in inputs):
+    """At most MAX_EMBEDDING_INPUTS inputs (a flat token list is one input); token lists given as such are
+    counted against MAX_EMBEDDING_TOKENS here already, before the model loads (texts once tokenized)."""
+    if not isinstance(inputs, list) or not inputs:
+        return inputs
+    if all(isinstance(x, int) for x in inputs):
+        tokens = len(inputs)
+    else:
         check_count(inputs, MAX_EMBEDDING_INPUTS, "embedding inputs")
+        tokens = sum(len(x) for x in inputs if isinstance(x, list))
+    error = embedding_tokens_error(tokens)
+    if error is not None:
+        raise _refuse(error)
     return inputs
+
+
+def embedding_tokens_error(tokens: int) -> str | None:
+    """Why an embedding request of `tokens` tokens in all is refused, or None: the engine embeds a request in
+    slices, but its vectors, its answer and the time it holds the model all grow with its tokens."""
+    if tokens <= MAX_EMBEDDING_TOKENS:
+        return None
+    return (f"an embedding request may hold at most {MAX_EMBEDDING_TOKENS} tokens in all, got {tokens}: "
+            "send the inputs in several requests")  # fmt: skip
 
 
 def check_tool_calls(calls: Any) -> None:

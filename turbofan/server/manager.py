@@ -3,8 +3,10 @@
 The server names a model in every request; the manager turns that name into a loaded EngineClient:
 
 - the model given on the command line (the *primary*) starts loading with the server and answers to its served
-  names; any other model in the store, or pullable by name, loads on its first request. Requests for a model
-  that is still loading wait for it (one load, many waiters).
+  names; any other model already in the store loads on its first request, named by its store name (never a
+  path: a request does not pull, convert or read anything outside the store; an absent model is Ollama's 404,
+  the same for every kind of absent). Requests for a model that is still loading wait for it (one load, many
+  waiters).
 - before a load, its memory need (weights + KV cache + runtime, estimated from the config: model/footprint.py)
   is checked against `--memory-budget` and `--max-loaded-models`; the least recently used *idle* model is
   evicted to make room, never one with requests in flight. A model that cannot fit even alone is refused with
@@ -36,7 +38,7 @@ from typing import Any
 import psutil
 
 from turbofan.model.footprint import Footprint
-from turbofan.server.errors import APIError, bad_request
+from turbofan.server.errors import APIError, bad_request, model_not_found
 from turbofan.server.limits import MAX_KEEP_ALIVE_SECONDS
 from turbofan.server.state import EngineSource, EngineState
 
@@ -239,7 +241,7 @@ class ModelManager:
         return self._store_factory() if self._store_factory is not None else None
 
     @staticmethod
-    def _spellings(name: str) -> set[str]:
+    def spellings(name: str) -> set[str]:
         """`name` and what Ollama treats as the same name (`x` = `x:latest`, a catalogue family = its default tag)."""
         out = {name}
         base, _, tag = name.partition(":")
@@ -257,14 +259,14 @@ class ModelManager:
         """The slot that answers to `name` (None or "": the primary), without loading anything."""
         if not name:
             return self.primary if self.primary in self._slots else None
-        spellings = self._spellings(name)
+        spellings = self.spellings(name)
         for slot in self._slots:
             if slot.names & spellings:
                 return slot
         return None
 
     def is_primary_name(self, name: str | None) -> bool:
-        return not name or bool(self.primary.names & self._spellings(name))
+        return not name or bool(self.primary.names & self.spellings(name))
 
     # -- acquiring a model for a request ---------------------------------------------------------------------------
     async def acquire(self, name: str | None, keep_alive: Any = None, need: str | None = "completion") -> _Slot:
@@ -322,11 +324,7 @@ class ModelManager:
         if self.is_primary_name(name):
             return await self._admit(self.primary.key, self.primary.path, None)
         if self.factory is None or self.store is None:
-            served = ", ".join(sorted(n for n in self.primary.names if n)) or "unknown"
-            raise APIError(
-                404, f"The model `{name}` does not exist. This server serves: {served}.", param="model",
-                code="model_not_found",
-            )  # fmt: skip
+            raise model_not_found(name)
         resolved = await self._resolve(name)
         slot = self.find(resolved.name) or next((s for s in self._slots if s.path == str(resolved.path)), None)
         if slot is not None:
@@ -335,16 +333,20 @@ class ModelManager:
         return await self._admit(resolved.name, str(resolved.path), name)
 
     async def _resolve(self, name: str):
-        from turbofan.store.errors import ModelNotFoundError, StoreError
+        """The store's entry for a request's model name. Names only, and only what is installed: a request never
+        makes the server read a path it names, pull or convert (pulls come from /api/pull alone), and every kind of
+        absent gets the same 404, so the answer says nothing about the server's disk."""
+        from turbofan.store.errors import StoreError
+        from turbofan.store.names import is_name
 
+        if not is_name(name):
+            raise model_not_found(name)
         try:
-            return await asyncio.to_thread(self.store.resolve, name, pull_missing=True, progress=False)
-        except ModelNotFoundError as exc:
-            raise APIError(404, f"model {name!r} not found: {str(exc).splitlines()[0]}", param="model",
-                           code="model_not_found") from None  # fmt: skip
+            return await asyncio.to_thread(self.store.resolve, name, pull_missing=False, progress=False,
+                                           allow_paths=False)  # fmt: skip
         except StoreError as exc:
-            raise APIError(404, f"model {name!r} could not be pulled: {exc}", param="model",
-                           code="model_not_found") from None  # fmt: skip
+            log.info("model not served", extra={"model": name, "why": str(exc).splitlines()[0]})
+            raise model_not_found(name) from None
 
     async def _admit(self, key: str, path: str, alias: str | None) -> _Slot:
         """Make room (evicting idle models, least recently used first) and start loading."""

@@ -22,7 +22,7 @@ import turbofan
 from turbofan.engine import RequestDelta, RequestOutput, SamplingParams
 from turbofan.model.footprint import is_encoder
 from turbofan.server import gotemplate, limits
-from turbofan.server.errors import APIError, bad_request, redact
+from turbofan.server.errors import APIError, bad_request, model_not_found, redact
 from turbofan.server.manager import parse_keep_alive
 from turbofan.server.reasoning import ReasoningParser, end_token_for
 from turbofan.server.serving import (
@@ -135,10 +135,10 @@ class NameRequest(OllamaModel):
     def model_name(self) -> str:
         """The target, which must be a model name (family[:tag] or org/name): never a path on the server's disk,
         whose existence the answer would otherwise reveal."""
-        from turbofan.store.names import is_hub_name, is_model_name
+        from turbofan.store.names import is_name
 
         target = self.target.strip()
-        if not (is_model_name(target) or is_hub_name(target)):
+        if not is_name(target):
             raise bad_request(f"invalid model name {target!r}: use family[:tag] or org/name")
         return target
 
@@ -413,15 +413,8 @@ async def _engine_for(ctx: ServerContext, model: str | None, keep_alive: Any = N
     if not model:
         raise bad_request("model is required")
     t0 = time.time()
-    try:
-        client = await ctx.require_model(model, keep_alive, need)
-    except APIError as exc:  # Ollama's own wording for an unknown model
-        raise _not_found(model) if exc.status == 404 else exc from None
+    client = await ctx.require_model(model, keep_alive, need)  # an absent model: Ollama's 404 (model_not_found)
     return client, time.time() - t0
-
-
-def _not_found(model: str) -> APIError:
-    return APIError(404, f'model "{model}" not found, try pulling it first')
 
 
 # -- generate / chat ----------------------------------------------------------------------------------------------
@@ -575,6 +568,20 @@ async def _store_call(fn, *args, **kwargs):
         raise APIError(400, str(exc)) from None
 
 
+async def _installed_info(ctx: ServerContext, name: str):
+    """The store's description of an installed model named by a request: names only, never a path (the same 404
+    for every kind of absent, as on the inference routes)."""
+    from turbofan.store.errors import StoreError
+    from turbofan.store.names import is_name
+
+    if not is_name(name.strip()):
+        raise model_not_found(name)
+    try:
+        return await asyncio.to_thread(ctx.store.show, name.strip(), allow_paths=False)
+    except StoreError:
+        raise model_not_found(name) from None
+
+
 async def served_info(ctx: ServerContext):
     """The store's description (turbofan.store.ModelInfo) of the model being served, computed once."""
     cached = ctx._served_info
@@ -637,7 +644,7 @@ async def show(body: NameRequest, request: Request) -> dict:
     ctx = ctx_of(request)
     name = body.target
     serving = ctx.accepts(name) and ctx.client is not None
-    info = await served_info(ctx) if serving else await _store_call(ctx.store.show, body.model_name)
+    info = await served_info(ctx) if serving else await _installed_info(ctx, name)
     entry = info.entry
     family = entry.family or entry.model_type or "unknown"
     template = info.chat_template or ""
@@ -681,6 +688,9 @@ async def show(body: NameRequest, request: Request) -> dict:
 async def pull(body: NameRequest, request: Request):
     """Ollama's pull: NDJSON progress events ({"status", "completed", "total"}) straight from the store."""
     ctx = ctx_of(request)
+    if not ctx.settings.allow_http_pull:
+        raise APIError(403, "pulling models over HTTP is turned off on this server (--no-allow-http-pull): "
+                            "run `turbofan pull NAME` where the server runs", code="pull_not_allowed")  # fmt: skip
     name = body.model_name
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict] = asyncio.Queue()

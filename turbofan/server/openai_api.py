@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 import turbofan
 from turbofan.engine import CompletionDelta, CompletionOutput, Logprob, RequestOutput, SamplingParams
 from turbofan.server import limits
-from turbofan.server.errors import APIError, bad_request, openai_error_body
+from turbofan.server.errors import APIError, bad_request, model_not_found, openai_error_body
 from turbofan.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -210,12 +210,17 @@ async def list_models(request: Request) -> ModelList:
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
+    """A card from what the server already knows (its models and the store's list): a GET never loads, pulls or
+    reads a path; anything else is the same 404 as on every route."""
     ctx = ctx_of(request)
+    spellings = ctx.manager.spellings(model_id)
     for card in await model_cards(ctx):
-        if card.id == model_id or (ctx.accepts(model_id) and card.id == ctx.model_name):
+        if card.id in spellings or (ctx.accepts(model_id) and card.id == ctx.model_name):
             return card.model_copy(update={"id": model_id})
-    client = await ctx.require_model(model_id, need=None)  # a pullable name: pull and load it, or 404
-    return ModelCard(id=model_id, root=client.info.root, max_model_len=client.info.max_model_len)
+    slot = ctx.manager.find(model_id)  # an alias a request already loaded a model under
+    if slot is not None and slot.client is not None:
+        return ModelCard(id=model_id, root=slot.key, max_model_len=slot.client.info.max_model_len)
+    raise model_not_found(model_id)
 
 
 async def model_cards(ctx: ServerContext) -> list[ModelCard]:

@@ -99,7 +99,8 @@ class ServerContext:
 
     async def require_model(self, name: str | None, keep_alive: Any = None, need: str | None = "completion"):
         """The EngineClient serving `name` (loaded on demand, held by this request until its response is sent);
-        404 for a model that is neither loaded, in the store nor pullable; 400 for a model without `need`."""
+        404 (the same for every kind of absent) for a model that is neither loaded nor in the store: a request
+        never pulls; 400 for a model without `need`."""
         return (await self.manager.acquire(name, keep_alive, need)).client
 
     def current_model(self) -> tuple[str, Any]:

@@ -22,6 +22,9 @@ class ServerSettings:
     # A request's own Jinja `chat_template` runs only with --trust-request-chat-template (vLLM's flag): the sandbox
     # bounds attribute access, not work (nested range loops pin a thread for hours).
     trust_request_chat_template: bool = False
+    # POST /api/pull (the only route that downloads: inference and GET routes serve what the store holds);
+    # --no-allow-http-pull turns it off (403) on a server others share, where the operator pulls with the CLI.
+    allow_http_pull: bool = True
     stats_interval: float = 10.0  # seconds between engine-stats log lines; 0 turns them off
     models_dir: str | None = None  # the model store (for /api/tags, /api/pull, ...); None: its default
     tool_call_parser: str | None = None  # None: chosen from the chat template (server/tool_parsers.py)

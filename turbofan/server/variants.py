@@ -1,6 +1,7 @@
 """Model variants over HTTP: Ollama's `/api/copy` and `/api/create`, and applying a variant's Modelfile settings.
 
-`/api/create` takes the current fields (`from`, `parameters`, `system`, `template`) or a legacy `modelfile`
+`from` and `source` are names of models in the store, never paths (`turbofan create -f` and `turbofan cp` take
+paths on the server's own command line). `/api/create` takes the current fields (`from`, `parameters`, `system`, `template`) or a legacy `modelfile`
 string; the variant is a store entry whose files are hard links to its base (ModelStore.copy). When a request
 names a variant, its SYSTEM, TEMPLATE and PARAMETERs are defaults the request's own fields override (Ollama's
 order); the variant loads as a model of its own.
@@ -17,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from turbofan.server.errors import APIError, bad_request
+from turbofan.server.errors import APIError, bad_request, model_not_found
 from turbofan.store.manifest import read_manifest
 from turbofan.store.modelfile import Modelfile, ModelfileError, coerce_parameters, parse_modelfile
 
@@ -42,20 +43,26 @@ class CreateRequest(BaseModel):
     stream: bool = True
 
 
-async def _store_call(fn, *args, **kwargs):
+async def _copy(store, source: str, destination: str, modelfile: dict | None = None) -> None:
+    """store.copy for a request: `source` is a name of the store, never a path (an HF directory or a GGUF on the
+    server's disk is a CLI source only), and an absent one is the inference routes' 404, the same for every kind
+    of absent; a bad destination is a 400."""
     from turbofan.store.errors import ModelNotFoundError, StoreError
+    from turbofan.store.names import is_name
 
+    if not is_name(source.strip()):
+        raise model_not_found(source)
     try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except ModelNotFoundError as exc:
-        raise APIError(404, str(exc).splitlines()[0]) from None
+        await asyncio.to_thread(store.copy, source.strip(), destination, modelfile, allow_paths=False)
+    except ModelNotFoundError:
+        raise model_not_found(source) from None
     except StoreError as exc:
         raise APIError(400, str(exc)) from None
 
 
 @router.post("/api/copy")
 async def copy(body: CopyRequest, request: Request) -> Response:
-    await _store_call(request.app.state.ctx.store.copy, body.source, body.destination)
+    await _copy(request.app.state.ctx.store, body.source, body.destination)
     return Response(status_code=200)
 
 
@@ -74,7 +81,7 @@ async def create(body: CreateRequest, request: Request):
     mf.template = body.template if body.template is not None else mf.template
     if not mf.from_:
         raise bad_request('"from" is required: the local model this one is a variant of')
-    await _store_call(request.app.state.ctx.store.copy, mf.from_, name, mf.to_dict())
+    await _copy(request.app.state.ctx.store, mf.from_, name, mf.to_dict())
     defaults_of.cache_clear()
     done = [{"status": "using existing layers"}, {"status": "writing manifest"}, {"status": "success"}]
     if not body.stream:

@@ -32,6 +32,12 @@ def is_hub_name(text: str) -> bool:
     return bool(_HUB_NAME_RE.match(text))
 
 
+def is_name(text: str) -> bool:
+    """True for a name a client may send over HTTP (``family[:tag]`` or ``org/name``): decided from the text
+    alone, so the answer never depends on what exists on the server's disk."""
+    return is_model_name(text) or is_hub_name(text)
+
+
 def looks_like_path(text: str) -> bool:
     """True when the argument is clearly a file system path rather than a name.
 

@@ -34,7 +34,7 @@ from .layout import (
     weights_digest,
 )
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, utc_now
-from .names import dirname_for, gguf_import_key, is_hub_name, is_model_name, looks_like_path
+from .names import dirname_for, gguf_import_key, is_hub_name, is_name, looks_like_path
 from .progress import Progress
 
 log = logging.getLogger("turbofan.store")
@@ -113,11 +113,21 @@ class ModelStore:
 
     # -- public API ----------------------------------------------------------------------------
     def resolve(
-        self, name_or_path: str | Path, pull_missing: bool = True, progress: Progress = True
+        self,
+        name_or_path: str | Path,
+        pull_missing: bool = True,
+        progress: Progress = True,
+        allow_paths: bool = True,
     ) -> ResolvedModel:
-        """An HF-style directory for ``name_or_path``, pulling or converting it first if needed."""
+        """An HF-style directory for ``name_or_path``, pulling or converting it first if needed.
+
+        ``allow_paths=False`` (what the server passes for a request's model): names only, looked up in the store
+        and nowhere else on disk, so whether a path exists can never change the answer."""
         text = str(name_or_path).strip()
-        if isinstance(name_or_path, Path) or looks_like_path(text):
+        if not allow_paths:
+            if isinstance(name_or_path, Path) or not is_name(text):
+                raise ModelNotFoundError(f"{text!r} is not a model name (family[:tag] or org/name)")
+        elif isinstance(name_or_path, Path) or looks_like_path(text):
             return self._resolve_path(Path(text).expanduser(), pull_missing=pull_missing, progress=progress)
         name = catalogue_name(text) or text
         installed = self._installed(name)
@@ -129,7 +139,7 @@ class ModelStore:
                     f"model {name!r} is not in the store at {self.root}; run `turbofan pull {name}` first"
                 )
             return self.pull(name, progress=progress)
-        if Path(text).expanduser().exists():  # a bare directory name that is not a model name
+        if allow_paths and Path(text).expanduser().exists():  # a bare directory name that is not a model name
             return self._resolve_path(Path(text).expanduser(), pull_missing=pull_missing, progress=progress)
         raise ModelNotFoundError(self._unknown_message(text))
 
@@ -140,7 +150,7 @@ class ModelStore:
 
         ``allow_paths=False`` (the server's /api/pull) takes names only: a local file is a CLI-only source."""
         text = str(name).strip()
-        if not allow_paths and not (is_model_name(text) or is_hub_name(text)):
+        if not allow_paths and not is_name(text):
             raise StoreError(
                 f"{text!r} is not a model name (family[:tag] or org/name); paths are not accepted here"
             )
@@ -167,9 +177,10 @@ class ModelStore:
                 entries.append(StoreEntry.from_manifest(directory, manifest))
         return sorted(entries, key=lambda e: e.name)
 
-    def show(self, name: str) -> ModelInfo:
-        """Details of an installed model (or a local directory/GGUF already converted): config, chat template..."""
-        resolved = self.resolve(name, pull_missing=False, progress=False)
+    def show(self, name: str, allow_paths: bool = True) -> ModelInfo:
+        """Details of an installed model (or a local directory/GGUF already converted): config, chat template...
+        ``allow_paths=False``: names only (see resolve)."""
+        resolved = self.resolve(name, pull_missing=False, progress=False, allow_paths=allow_paths)
         manifest = resolved.manifest or describe_hf_dir(resolved.path, resolved.name, resolved.source)
         return ModelInfo.from_dir(StoreEntry.from_manifest(resolved.path, manifest), manifest)
 
@@ -188,13 +199,16 @@ class ModelStore:
         log.info("removed %s (%s)", entry.name, path)
         return entry
 
-    def copy(self, source: str, destination: str, modelfile: dict | None = None) -> ResolvedModel:
+    def copy(
+        self, source: str, destination: str, modelfile: dict | None = None, allow_paths: bool = True
+    ) -> ResolvedModel:
         """Install ``source`` again under the name ``destination`` (files hard-linked where the file system allows;
         an existing ``destination`` is replaced, as Ollama's cp does). ``modelfile``: a variant's settings
-        (store/modelfile.py), kept in the new manifest."""
-        if not is_model_name(destination) and not is_hub_name(destination):
+        (store/modelfile.py), kept in the new manifest. ``allow_paths=False``: ``source`` is a name (see
+        resolve)."""
+        if not is_name(destination):
             raise StoreError(f"{destination!r} is not a valid model name (family:tag)")
-        src = self.resolve(source, pull_missing=False, progress=False)
+        src = self.resolve(source, pull_missing=False, progress=False, allow_paths=allow_paths)
         base = src.manifest or describe_hf_dir(src.path, src.name, src.source)
 
         def build(tmp: Path) -> Manifest:
