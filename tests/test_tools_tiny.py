@@ -40,7 +40,8 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model):
-    srv = launch(model, model.parent / "server.log", "--max-model-len", "512", "--served-model-name", "m")
+    srv = launch(model, model.parent / "server.log", "--max-model-len", "512", "--served-model-name", "m",
+                 "--trust-request-chat-template")  # one test sends its own template (refused by default)
     yield srv
     srv.stop()
 
