@@ -150,3 +150,19 @@ def test_k_format_kernel_equals_reference_on_every_isa(type_name, fmt, m):
     assert torch.equal(qlinear(x[-1:], q, bias)[0], first[-1])
     dense = torch.nn.functional.linear(x, dequantize(q), bias)
     assert (first - dense).norm() / dense.norm() < 0.02
+
+
+def test_a_q4_k_part_of_a_q6k_fusion_takes_the_6bit_grid():
+    """q/k (Q4_K) fused with v (Q6_K): the Q6_K part exactly, the Q4_K part re-quantized to q6k with 1.5% RMS
+    error (Q4_K's own is ~9% on Gaussian weights, so the sum grows by ~1%)."""
+    from turbofan.kernels.quant import concat
+
+    q4, q6 = gguf_bytes("Q4_K", seed=5), gguf_bytes("Q6_K", seed=6)
+    fused = concat([reference_repack(q4, "Q4_K", (N, K), "q6k"), reference_repack(q6, "Q6_K", (N, K), "q6k")])
+    assert fused.fmt == "q6k" and fused.shape == (2 * N, K)
+    got = dequantize(fused)
+    assert torch.equal(got[N:], _dequantized(q6, "Q6_K"))
+    ref = _dequantized(q4, "Q4_K")
+    assert (got[:N] - ref).norm() / ref.norm() < 0.03
+    if kernels.available():  # and the op routes the Q4_K part the same way
+        assert _same(repack(q4, "Q4_K", (N, K), "q6k"), reference_repack(q4, "Q4_K", (N, K), "q6k"))

@@ -15,9 +15,9 @@ def test_a_7b_q4_k_m_loads_within_ten_percent_of_its_file_plus_kv(tmp_path):
     directory = model_dir(tmp_path, SHAPES["qwen2.5-7b"])
     r = measure(directory, 512 << 20)
     weights = sum(r["weights"].values())
-    assert set(r["weights"]) <= {"q4k", "q6k", "q8", "float32"}  # never a float32 copy of a matrix
+    assert set(r["weights"]) <= {"q4k", "q6k", "float32"}  # the file's own blocks; never a float32 matrix
     assert r["weights"].get("float32", 0) < 1 << 20  # norms and biases only
-    assert weights <= 1.06 * r["file"], weights / r["file"]
+    assert weights <= 1.05 * r["file"], weights / r["file"]  # measured 1.03
     base = r["file"] + r["kv_cache"]
-    assert r["after_load"] <= 1.10 * base, r["after_load"] / base  # measured 1.09 (docs/benchmarks.md)
-    assert r["after_step"] <= 1.15 * base, r["after_step"] / base  # measured 1.12
+    assert r["after_load"] <= 1.10 * base, r["after_load"] / base  # measured 1.08 (docs/benchmarks.md)
+    assert r["after_step"] <= 1.15 * base, r["after_step"] / base  # measured 1.10

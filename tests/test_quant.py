@@ -109,7 +109,8 @@ def test_quant_linear_falls_back_without_kernels(monkeypatch):
 def test_gguf_types_map_to_block_formats():
     assert _format_of({"Q4_1"}) == "q4"
     assert _format_of({"Q4_K"}) == "q4k" and _format_of({"Q6_K"}) == "q6k"  # the file's own blocks
-    assert _format_of({"Q4_K", "Q6_K"}) == "q8"  # a fused matrix takes its most precise part
+    assert _format_of({"Q4_K", "Q6_K"}) == "q6k"  # a mixed Q4_K_M fusion: the Q6_K grid
+    assert _format_of({"Q4_1", "Q8_0"}) == "q8"  # otherwise the most precise part decides
     assert _format_of({"Q8_0"}) == "q8" and _format_of({"Q5_0"}) == "q8"
     assert _format_of({"F32"}) is None and _format_of({"Q4_K", "F16"}) is None
 

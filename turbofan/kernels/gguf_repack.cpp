@@ -369,9 +369,25 @@ std::vector<at::Tensor> gguf_repack(const at::Tensor& raw, int64_t type, int64_t
   return {qweight, scales, mins, wsum};
 }
 
+// raw: uint8 [N, row bytes] of ggml type `type` -> float32 [N, K], the values gguf-py's dequantizers give.
+at::Tensor gguf_dequantize(const at::Tensor& raw, int64_t type, int64_t k) {
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.is_contiguous(), "raw must be uint8 [N, bytes]");
+  TORCH_CHECK(row_bytes(type, k) == raw.size(1), "gguf_dequantize: ggml type ", type, " rows of ", k,
+              " weights are not ", raw.size(1), " bytes");
+  const int64_t n = raw.size(0), stride = raw.size(1);
+  at::Tensor out = at::empty({n, k}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequantize_row(type, src + r * stride, dst + r * k, k);
+  });
+  return out;
+}
+
 }  // namespace repack
 }  // namespace turbofan
 
 TORCH_LIBRARY_FRAGMENT(turbofan, m) {
   m.def("gguf_repack(Tensor raw, int type, int k, str fmt) -> Tensor[]", &turbofan::repack::gguf_repack);
+  m.def("gguf_dequantize(Tensor raw, int type, int k) -> Tensor", &turbofan::repack::gguf_dequantize);
 }

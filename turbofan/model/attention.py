@@ -21,6 +21,7 @@ optimising tier) keeps the context length symbolic.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -120,8 +121,9 @@ class AttentionMetadata:
             windows=tuple(windows),
             prompt_lens=fb.prompt_lens,
         )
-        if use_kernel:
+        if use_kernel and "torch._dynamo" in sys.modules:
             # The only context-length-dependent shape the kernel sees; one compiled entry serves every length.
+            # Only once the compiled tier has loaded Dynamo: importing it here cost the first request 2 s.
             torch._dynamo.maybe_mark_dynamic(tables, 1)
         else:
             meta.dense  # noqa: B018  (built now: a compiled forward must find it ready)

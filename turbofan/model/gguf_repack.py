@@ -108,9 +108,14 @@ def repack(raw: np.ndarray, type_name: str, shape: tuple[int, int], fmt: str, us
 
     from turbofan import kernels
 
-    if fmt in K_SOURCES and type_name != K_SOURCES[fmt]:
-        raise ValueError(f"{fmt} holds {K_SOURCES[fmt]} tensors only, not {type_name}")
-    kernel_ok = type_name in KERNEL_TYPES and (fmt in ("q8", "q4k", "q6k") or type_name in _Q4_DECODERS)
+    if fmt == "q4k" and type_name != "Q4_K":
+        raise ValueError(f"q4k holds Q4_K tensors only, not {type_name}")
+    native = fmt == "q8" or (fmt in K_SOURCES and type_name == K_SOURCES[fmt]) or (fmt == "q4" and type_name in _Q4_DECODERS)
+    kernel_ok = type_name in KERNEL_TYPES and native
+    if use_kernel and fmt == "q6k" and type_name in KERNEL_TYPES and not native and kernels.available():
+        values = torch.ops.turbofan.gguf_dequantize(  # the reference's float values, decoded in C++
+            torch.from_numpy(np.ascontiguousarray(raw)), GGMLQuantizationType[type_name].value, shape[1])
+        return quantize_q6k(values)
     if use_kernel and kernel_ok and kernels.available():
         qweight, scales, mins, wsum = torch.ops.turbofan.gguf_repack(
             torch.from_numpy(np.ascontiguousarray(raw)), GGMLQuantizationType[type_name].value, shape[1], fmt
@@ -143,16 +148,40 @@ def _k_format(raw: np.ndarray, fmt: str) -> QuantizedWeight:
     # top bits from qh[32h + j % 32] >> 2 * (j // 32), with j = i % 128 (as gguf-py's Q6_K decoder)
     lo = (ql.reshape(n, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
     hi = (qh.reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)) & 0x03
-    codes = (lo.reshape(n, -1, 256) | (hi.reshape(n, -1, 256) << 4)).reshape(n, -1, 8, 4)  # [N, K/32, 8 quads, 4]
-    low = torch.from_numpy(np.ascontiguousarray((codes & 0x0F).reshape(n, -1, 32)))
-    top = torch.from_numpy(np.ascontiguousarray(codes >> 4)).to(torch.int32)  # [N, nb, 8, 4]
+    codes = torch.from_numpy(np.ascontiguousarray(lo.reshape(n, -1, 256) | (hi.reshape(n, -1, 256) << 4)))
+    return pack_q6k(codes.reshape(n, -1, 32), torch.from_numpy(scales.reshape(n, -1, 2).copy()),
+                    torch.from_numpy(np.ascontiguousarray(_f16(blocks, 208))))
+
+
+def pack_q6k(codes: torch.Tensor, sc: torch.Tensor, d: torch.Tensor) -> QuantizedWeight:
+    """q6k panels from codes [N, K/32, 32] (0..63), int8 scales per half block [N, K/32, 2] and float16 d per
+    super-block [N, K/256]."""
+    n = codes.shape[0]
+    quads = codes.reshape(n, -1, 8, 4)
+    low = (quads & 0x0F).reshape(n, -1, 32).to(torch.uint8)
+    top = (quads >> 4).to(torch.int32)  # [N, nb, 8, 4]
     planes = sum(top[:, :, t::4] << (2 * t) for t in range(4)).to(torch.uint8)  # [N, nb, 2 planes, 4]
     planes = _panels(planes).permute(0, 1, 2, 4, 3).reshape(n // PANEL, -1, 128)  # [P, nb, 2 planes x 16 rows x 4]
     nb = planes.shape[1]
     qweight = torch.cat((_pack_codes(low, 4).reshape(n // PANEL, nb, 256), planes), dim=2).reshape(n // PANEL, -1)
-    sc = _panels(torch.from_numpy(scales.reshape(n, -1, 2).copy())).reshape(n // PANEL, -1)  # halves of 16
-    d = _panels(torch.from_numpy(np.ascontiguousarray(_f16(blocks, 208)))).reshape(n // PANEL, -1)
-    return QuantizedWeight(6, qweight, sc, None, d)
+    return QuantizedWeight(6, qweight, _panels(sc.to(torch.int8)).reshape(n // PANEL, -1), None,
+                           _panels(d.to(torch.float16)).reshape(n // PANEL, -1))
+
+
+def quantize_q6k(w: torch.Tensor) -> QuantizedWeight:
+    """Float weights [N, K] (K % 256 == 0) in q6k: per 16 a scale s = amax / 31, per 256 d = max(s) / 127 in
+    float16, sc = round(s / d); codes round(w / (d * sc)) in -32..31, stored + 32. For a matrix fused from a
+    Q6_K part and Q4_K parts (q/k/v of a Q4_K_M file): the Q4_K values take a 6-bit grid (about a quarter of their
+    own step added as error) instead of 8.5 bits more per weight in q8."""
+    n, k = w.shape
+    halves = w.float().reshape(n, k // 256, 16, 16)
+    s = halves.abs().amax(-1) / 31.0  # [N, K/256, 16]
+    d = (s.amax(-1) / 127.0).half()  # [N, K/256]
+    df = d.float()[..., None]
+    sc = torch.where(df > 0, s / df.clamp(min=1e-30), 0).round().clamp(0, 127)
+    ds = (df * sc)[..., None]  # d * sc in float32, as the kernel forms it
+    q = torch.where(ds > 0, halves / ds.clamp(min=1e-30), 0).round().clamp(-32, 31) + 32
+    return pack_q6k(q.to(torch.int32).reshape(n, -1, 32), sc.to(torch.int8).reshape(n, -1, 2), d)
 
 
 def reference_repack(raw: np.ndarray, type_name: str, shape: tuple[int, int], fmt: str) -> QuantizedWeight:
@@ -160,10 +189,17 @@ def reference_repack(raw: np.ndarray, type_name: str, shape: tuple[int, int], fm
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    if fmt in K_SOURCES:
-        if type_name != K_SOURCES[fmt]:
-            raise ValueError(f"{fmt} holds {K_SOURCES[fmt]} tensors only, not {type_name}")
+    if fmt in K_SOURCES and type_name == K_SOURCES[fmt]:
         return _k_format(raw, fmt)
+    if fmt == "q6k":  # another type in a fused q6k matrix: its float values, a slice of rows at a time
+        n, k = shape
+        step = _slice_rows(k)
+        qtype = GGMLQuantizationType[type_name]
+        parts = [quantize_q6k(torch.from_numpy(np.asarray(dequantize(raw[i : i + step], qtype), dtype=np.float32)
+                                               .reshape(-1, k))) for i in range(0, n, step)]  # fmt: skip
+        return parts[0] if len(parts) == 1 else concat(parts)
+    if fmt in K_SOURCES:
+        raise ValueError(f"{fmt} holds {K_SOURCES[fmt]} tensors only, not {type_name}")
     bits = BITS[fmt]
 
     n, k = shape

@@ -3,8 +3,9 @@
 `--quantization` (EngineConfig.quantization):
 - `auto` (default): a GGUF model keeps each matrix at the file's own precision — Q4_K and Q6_K tensors in
   turbofan's K formats (the file's blocks, exactly), other 4-bit types (Q4_0, Q4_1, ...) in its 4-bit blocks,
-  other 5- to 8-bit types (Q5_x, Q8_0) and matrices fused from different types (q/k/v of a Q4_K_M file) in its
-  8-bit blocks, float matrices float32; the token embedding and the LM head too (the embedding lookup dequantizes
+  a matrix fused from Q4_K and Q6_K parts (q/k/v of a Q4_K_M file's "more bits" layers) in q6k (the Q4_K parts
+  re-quantized to its grid), other 5- to 8-bit types (Q5_x, Q8_0) and other mixtures in its 8-bit blocks, float
+  matrices float32; the token embedding and the LM head too (the embedding lookup dequantizes
   only the rows it needs).
   A safetensors model stays float32 (the exact path).
 - `int8` / `int4`: every layer matrix in 8 / 4 bits (the embedding and LM head in 8 bits), whatever the source.
@@ -102,7 +103,7 @@ def _format_of(types: set[str]) -> str | None:
         return None  # a float part (or a type we do not know): keep float32
     if types == {"Q4_K"}:
         return "q4k"
-    if types == {"Q6_K"}:
+    if types in ({"Q6_K"}, {"Q4_K", "Q6_K"}):  # the Q4_K parts of a mixed fusion take Q6_K's grid
         return "q6k"
     return "q8" if types & GGUF_8BIT else "q4"
 
