@@ -100,7 +100,10 @@ def _build_dir(source_text: str) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    key = hashlib.sha256("\0".join((source_text, torch.__version__, sys.version, version)).encode()).hexdigest()
+    # torch's own headers are found through its install path: two environments (a venv per checkout, CI's) each
+    # get a folder, or each build would invalidate the other's (cpp_extension keys its ninja file on those paths).
+    where = os.path.dirname(torch.__file__)
+    key = hashlib.sha256("\0".join((source_text, torch.__version__, sys.version, version, where)).encode()).hexdigest()
     root = Path(os.environ.get("TURBOFAN_KERNEL_CACHE") or Path.home() / ".cache" / "turbofan" / "kernels")
     return root / key[:16]
 
@@ -169,11 +172,18 @@ def _load() -> None:
         source = build / "turbofan_kernels.cpp"
         if not source.is_file() or source.read_text() != text:
             source.write_text(text)
+        # The headers beside the source, so the build's include path is the cache folder itself: cpp_extension
+        # keys its ninja file on the include paths, and a path into the checkout made every other checkout (a
+        # second clone, CI, an installed copy) rebuild the cached kernels, ~20 s of a warm start.
+        for header in sorted(here.glob("*.h")):
+            copy = build / header.name
+            if not copy.is_file() or copy.read_text() != header.read_text():
+                copy.write_text(header.read_text())
         # load(), not load_inline(): the latter prepends <torch/extension.h> (pybind11 and all), doubling build time.
         cpp_extension.load(
             name="turbofan_kernels",
             sources=[str(source)],
-            extra_include_paths=[str(here)],
+            extra_include_paths=[str(build)],
             extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
