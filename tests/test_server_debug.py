@@ -52,6 +52,12 @@ def test_torch_profile_records_steps_of_a_running_request(debug_server):
     assert r.status_code == 200, r.text
     body = r.json()
     assert 1 <= body["steps"] <= 3
+    import os
+    import stat
+
+    folder = os.path.dirname(body["trace"])  # a private folder of its own, never a guessable /tmp name
+    assert os.path.basename(folder).startswith("turbofan-trace-") and os.path.isfile(body["trace"])
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     ops = {row["op"] for row in body["ops"]}
     assert any("mm" in op or "linear" in op for op in ops), ops
     assert done.is_set()

@@ -157,7 +157,9 @@ def create_app(
             if not 0 < timeout <= 300:
                 raise APIError(400, f"timeout must be in (0, 300] seconds, got {timeout}", param="timeout")
             client = await ctx.require_model(None, need=None)
-            trace = os.path.join(tempfile.gettempdir(), f"turbofan-trace-{int(time.time())}.json")
+            # a private folder (0700, unpredictable name): a fixed /tmp name could be pre-created or linked by
+            # another local user to make the server write elsewhere
+            trace = os.path.join(tempfile.mkdtemp(prefix="turbofan-trace-"), f"trace-{int(time.time())}.json")
             return JSONResponse(await client.profile_torch(steps, trace, timeout))
 
     install_pages(app)
