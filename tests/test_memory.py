@@ -12,6 +12,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_7b_q4_k_m_loads_within_ten_percent_of_its_file_plus_kv(tmp_path):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    if free < 8 << 30:  # the file is 4.4 GiB; a nearly full disk is the machine's state, not the code's
+        pytest.skip(f"needs 8 GiB of free disk for a 4.4 GiB GGUF, {free / (1 << 30):.1f} GiB free")
     directory = model_dir(tmp_path, SHAPES["qwen2.5-7b"])
     r = measure(directory, 512 << 20)
     weights = sum(r["weights"].values())
