@@ -25,7 +25,6 @@ BLOCK = 32
 PANEL = 16  # output rows per panel: a vector's lanes are output channels (turbofan/kernels/quant_matmul.cpp)
 
 
-FORMATS = ("q4", "q8", "q4k", "q6k")
 _BLOCK_BYTES = {"q4": 256, "q8": 512, "q4k": 256, "q6k": 384}  # one block of 32 of a 16-row panel
 BITS = {"q4": 4, "q8": 8, "q4k": 4, "q6k": 6}
 

@@ -21,9 +21,6 @@ from turbofan.kernels.quant import BITS, QuantizedWeight, quantize
 from turbofan.model.architectures import model_args_from_config
 from turbofan.model.args import ModelArgs
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_SAFETENSORS_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64"}
-
 
 @dataclass(frozen=True)
 class TensorRef:
@@ -119,8 +116,8 @@ class SafetensorsCheckpoint:
                     continue
                 target, slot = hf_to_ours(name, self.args)
                 if target:
-                    dtype = _SAFETENSORS_TYPES.get(info["dtype"], info["dtype"])
-                    self.refs.append(TensorRef(name, target, slot, dtype, tuple(int(d) for d in info["shape"])))
+                    shape = tuple(int(d) for d in info["shape"])
+                    self.refs.append(TensorRef(name, target, slot, info["dtype"], shape))
                     self._file_of[name] = file
 
     def float(self, ref: TensorRef) -> torch.Tensor:
@@ -141,9 +138,9 @@ class GGUFCheckpoint:
         from turbofan.store.gguf_tensors import SKIPPED_TENSORS, hf_tensor_name
 
         self.path = path
-        self.args = model_args_from_config(read_config(path))
-        self.gguf = GGUFFile(gguf_file, string_arrays=())
         cfg = read_config(path)
+        self.args = model_args_from_config(cfg)
+        self.gguf = GGUFFile(gguf_file, string_arrays=())
         self._n_head = int(cfg["num_attention_heads"])
         self._n_head_kv = int(cfg.get("num_key_value_heads") or self._n_head)
         self.refs = []
@@ -189,9 +186,13 @@ class GGUFCheckpoint:
 
 
 def safetensors_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
+    """The directory's safetensors files, or a clear error (pickled weights are never loaded)."""
+    from turbofan.store.layout import PICKLE_SUFFIXES
+    from turbofan.store.layout import safetensors_files as found
+
+    files = found(path)
     if not files:
-        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
         if pickles:
             raise ValueError(
                 f"{path} holds only pickled weights ({', '.join(pickles[:3])}); turbofan loads safetensors and GGUF "

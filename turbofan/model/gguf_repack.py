@@ -47,18 +47,24 @@ def _q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _nibbles(blocks[..., 4:]), _f16(blocks, 0), _f16(blocks, 2)
 
 
-def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _q4_k_fields(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K rows [N, bytes] -> codes [N, K/32, 32], 6-bit sc and m [N * K/256, 8], float16 d and dmin [N * K/256]."""
     from gguf.quants import Q4_K
 
     n = raw.shape[0]
     blocks = raw.reshape(-1, _Q4_K_BLOCK)
-    d = _f16(blocks, 0).astype(np.float32)[:, None]
-    dmin = _f16(blocks, 2).astype(np.float32)[:, None]
-    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # [blocks, 8] 6-bit each
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
     qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
     codes = (qs & 0x0F).reshape(n, -1, 32)  # sub-block 2j: low nibbles of qs[32j:32j+32]; 2j+1: high nibbles
-    scales = (d * sc.astype(np.float32)).astype(np.float16).reshape(n, -1)
-    mins = (-(dmin * m.astype(np.float32))).astype(np.float16).reshape(n, -1)
+    return codes, sc, m, _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K -> q4: the sub-block scale d * sc and min dmin * m rounded once to float16."""
+    n = raw.shape[0]
+    codes, sc, m, d, dmin = _q4_k_fields(raw)
+    scales = (d.astype(np.float32)[:, None] * sc.astype(np.float32)).astype(np.float16).reshape(n, -1)
+    mins = (-(dmin.astype(np.float32)[:, None] * m.astype(np.float32))).astype(np.float16).reshape(n, -1)
     return codes, scales, mins
 
 
@@ -71,11 +77,6 @@ def _q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if (codes == -128).any():
         return None
     return codes, _f16(blocks, 0)
-
-
-def carries_grid(type_name: str, bits: int) -> bool:
-    """Whether a tensor of this ggml type is repacked into `bits` with its own codes (no re-quantization)."""
-    return (bits == 4 and type_name in _Q4_DECODERS) or (bits == 8 and type_name == "Q8_0")
 
 
 def _slice_rows(k: int) -> int:
@@ -129,13 +130,9 @@ def _k_format(raw: np.ndarray, fmt: str) -> QuantizedWeight:
     """Q4_K -> q4k, Q6_K -> q6k in numpy and PyTorch (the C++ op's reference)."""
     n = raw.shape[0]
     if fmt == "q4k":
-        from gguf.quants import Q4_K
-
-        blocks = raw.reshape(-1, _Q4_K_BLOCK)
-        sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # [super-blocks, 8]
-        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        codes = torch.from_numpy(np.ascontiguousarray((qs & 0x0F).reshape(n, -1, 32)))
-        supers = np.stack([_f16(blocks, 0), _f16(blocks, 2)], axis=-1).reshape(n, -1, 2)  # [N, K/256, (d, dmin)]
+        codes_np, sc, m, d, dmin = _q4_k_fields(raw)
+        codes = torch.from_numpy(np.ascontiguousarray(codes_np))
+        supers = np.stack([d, dmin], axis=-1).reshape(n, -1, 2)  # [N, K/256, (d, dmin)]
         return QuantizedWeight(
             4, _pack_codes(codes, 4), _panels(torch.from_numpy(sc.reshape(n, -1).copy())).reshape(n // PANEL, -1),
             _panels(torch.from_numpy(m.reshape(n, -1).copy())).reshape(n // PANEL, -1),

@@ -40,7 +40,7 @@ class Manifest:
     parameters: int
     context_length: int | None
     quantization: str | None  # of the original file: Q4_1, Q4_K_M, BF16 ...
-    dtype: str  # of model.safetensors here
+    dtype: str  # of the weights here: "gguf" (the file's own types) or a safetensors dtype
     size_bytes: int  # on disk in this directory
     digest: str  # sha256 hex: of the original GGUF file, or of config + safetensors headers
     created_at: str = field(default_factory=utc_now)
